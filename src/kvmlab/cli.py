@@ -1,0 +1,21 @@
+"""The `kvmlab` console command: the same task collection as `invoke`, configured by
+kvmlab.yaml files and KVMLAB_* environment variables."""
+from __future__ import annotations
+
+from invoke import Config, Program
+
+from . import __version__
+from .tasks import ns
+
+
+class KvmlabConfig(Config):
+    prefix = "kvmlab"
+    env_prefix = "KVMLAB"
+
+
+program = Program(name="kvmlab", binary="kvmlab", version=__version__, namespace=ns,
+                  config_class=KvmlabConfig)
+
+
+def main() -> None:  # pragma: no cover - entry point
+    program.run()

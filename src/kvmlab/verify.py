@@ -1,0 +1,120 @@
+"""Run the testinfra checks of a step (tests/infra/test_<step>.py) against one or more hosts.
+
+The checks are ordinary testinfra tests (``def test_x(host)``); they run in this process through
+pytest with ``--hosts`` (``local://``, ``docker://NAME``, ``ssh://user@host``). The controller's
+settings and the recipe/builder under test reach the checks through KVMLAB_* environment variables
+that tests/infra/conftest.py reads.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Settings
+from .errors import VerifyError
+
+
+@dataclass
+class CheckResult:
+    host: str
+    step: str
+    name: str
+    status: str  # passed / failed / skipped / error
+    message: str = ""
+
+
+@dataclass
+class VerifyReport:
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.results) and all(r.status in ("passed", "skipped") for r in self.results)
+
+    def failed(self) -> list[CheckResult]:
+        return [r for r in self.results if r.status not in ("passed", "skipped")]
+
+
+def available_steps(settings: Settings) -> list[str]:
+    d = settings.tests_dir / "infra"
+    return sorted(p.stem[len("test_"):] for p in d.glob("test_*.py"))
+
+
+def _parse_junit(path: Path, step: str) -> list[CheckResult]:
+    out: list[CheckResult] = []
+    root = ET.parse(path).getroot()
+    for case in root.iter("testcase"):
+        name = case.get("name", "?")
+        host = "?"
+        if "[" in name and name.endswith("]"):
+            base, param = name[:-1].split("[", 1)
+            name, host = base, param
+        status, msg = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            el = case.find(tag)
+            if el is not None:
+                status = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                msg = (el.get("message") or el.text or "").strip().splitlines()
+                msg = msg[0][:200] if msg else ""
+                break
+        out.append(CheckResult(host=host, step=step, name=name, status=status, message=msg))
+    return out
+
+
+def run_checks(settings: Settings, steps: list[str], hosts: list[str] | None = None,
+               extra_env: dict[str, str] | None = None) -> VerifyReport:
+    """Run the checks of the named steps against hosts; never raises on failed checks."""
+    import pytest  # imported lazily: only verify needs it
+
+    known = available_steps(settings)
+    for s in steps:
+        if s not in known:
+            raise VerifyError(f"no checks for step {s!r}",
+                              hint="steps with checks: " + ", ".join(known))
+    hosts = hosts or ["local://"]
+    env = {
+        "KVMLAB_HOME": str(settings.home), "KVMLAB_STATE_DIR": str(settings.state_dir),
+        "KVMLAB_CACHE": str(settings.cache), "KVMLAB_LOCK": str(settings.lock),
+        "KVMLAB_RECIPE": settings.recipe, "KVMLAB_BUILDER": settings.builder,
+        **(extra_env or {}),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    report = VerifyReport()
+    try:
+        os.environ.update(env)
+        with tempfile.TemporaryDirectory(prefix="kvmlab-verify-") as tmp:
+            for step in steps:
+                xml = Path(tmp) / f"{step}.xml"
+                args = [str(settings.tests_dir / "infra" / f"test_{step}.py"),
+                        "--hosts=" + ",".join(hosts), "-q", "-p", "no:cacheprovider",
+                        "--import-mode=importlib", f"--junitxml={xml}",
+                        "-o", "addopts=", "-o", "norecursedirs=", "--no-header",
+                        "--rootdir", str(settings.tests_dir / "infra"),
+                        "-c", str(settings.tests_dir / "infra" / "pytest.ini")]
+                with open(os.devnull, "w") as devnull:
+                    import contextlib
+                    with contextlib.redirect_stdout(devnull):
+                        pytest.main(args)
+                if xml.exists():
+                    report.results.extend(_parse_junit(xml, step))
+                else:
+                    report.results.append(CheckResult("?", step, "collection", "error",
+                                                      "pytest produced no report"))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return report
+
+
+def print_report(report: VerifyReport) -> None:
+    from . import ui
+    hosts = sorted({r.host for r in report.results})
+    for h in hosts:
+        rows = [(r.step, r.name, r.status, r.message) for r in report.results if r.host == h]
+        ui.table(f"checks on {h}", ["step", "check", "status", "detail"], rows)
