@@ -48,6 +48,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cache", "content-addressed download cache",
             lambda p: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvmlab"),
     Setting("lock", "source checksum lock file (like go.sum)", lambda p: p / "kvmlab.lock"),
+    Setting("recipes_dir", "directory of recipe files", lambda p: p / "recipes"),
+    Setting("patches_dir", "directory of patch series (patches/<recipe>/series)",
+            lambda p: p / "patches"),
     Setting("recipe", "default recipe name", "qemu-kvm-0.12.1.2"),
     Setting("builder", "default builder (debian12, centos6, native)", "debian12"),
 )
@@ -59,18 +62,12 @@ class Settings:
     state_dir: Path
     cache: Path
     lock: Path
+    recipes_dir: Path
+    patches_dir: Path
     recipe: str
     builder: str
 
     # Derived locations -------------------------------------------------------------------
-    @property
-    def recipes_dir(self) -> Path:
-        return self.home / "recipes"
-
-    @property
-    def patches_dir(self) -> Path:
-        return self.home / "patches"
-
     @property
     def docker_dir(self) -> Path:
         return self.home / "docker"
@@ -98,7 +95,7 @@ class Settings:
         return self.out_dir / recipe / builder
 
 
-_PATH_SETTINGS = {"home", "state_dir", "cache", "lock"}
+_PATH_SETTINGS = {"home", "state_dir", "cache", "lock", "recipes_dir", "patches_dir"}
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None,

@@ -78,6 +78,8 @@ def run_checks(settings: Settings, steps: list[str], hosts: list[str] | None = N
     env = {
         "KVMLAB_HOME": str(settings.home), "KVMLAB_STATE_DIR": str(settings.state_dir),
         "KVMLAB_CACHE": str(settings.cache), "KVMLAB_LOCK": str(settings.lock),
+        "KVMLAB_RECIPES_DIR": str(settings.recipes_dir),
+        "KVMLAB_PATCHES_DIR": str(settings.patches_dir),
         "KVMLAB_RECIPE": settings.recipe, "KVMLAB_BUILDER": settings.builder,
         **(extra_env or {}),
     }
