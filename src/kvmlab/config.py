@@ -74,7 +74,12 @@ class Settings:
 
     @property
     def tests_dir(self) -> Path:
-        return self.home / "tests"
+        """tests/ (with tests/infra checks) of the project; the checkout's when home has none."""
+        own = self.home / "tests"
+        if (own / "infra").is_dir():
+            return own
+        checkout = PACKAGE_DIR.parent.parent / "tests"
+        return checkout if (checkout / "infra").is_dir() else own
 
     @property
     def work_dir(self) -> Path:

@@ -7,7 +7,10 @@ that tests/infra/conftest.py reads.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -43,11 +46,14 @@ def available_steps(settings: Settings) -> list[str]:
     return sorted(p.stem[len("test_"):] for p in d.glob("test_*.py"))
 
 
-def _parse_junit(path: Path, step: str) -> list[CheckResult]:
+def _parse_junit(path: Path) -> list[CheckResult]:
     out: list[CheckResult] = []
     root = ET.parse(path).getroot()
     for case in root.iter("testcase"):
         name = case.get("name", "?")
+        # classname is the module (test_<step>), possibly with a class after a dot
+        module = case.get("classname", "").split(".")[-1] or "?"
+        step = module[len("test_"):] if module.startswith("test_") else module
         host = "?"
         if "[" in name and name.endswith("]"):
             base, param = name[:-1].split("[", 1)
@@ -64,11 +70,37 @@ def _parse_junit(path: Path, step: str) -> list[CheckResult]:
     return out
 
 
+_ran_in_process = False
+
+
+def _run_pytest(args: list[str], env: dict[str, str]) -> None:
+    """pytest in this process (fast) the first time; in a child process when pytest already ran
+    here or when called from inside a pytest run (module names of test files would clash)."""
+    global _ran_in_process
+    if _ran_in_process or os.environ.get("PYTEST_CURRENT_TEST"):
+        child_env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+        child_env.update(env)
+        subprocess.run([sys.executable, "-m", "pytest", *args], env=child_env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+        return
+    import pytest  # imported lazily: only verify needs it
+    _ran_in_process = True
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        os.environ.update(env)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            pytest.main(args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_checks(settings: Settings, steps: list[str], hosts: list[str] | None = None,
                extra_env: dict[str, str] | None = None) -> VerifyReport:
     """Run the checks of the named steps against hosts; never raises on failed checks."""
-    import pytest  # imported lazily: only verify needs it
-
     known = available_steps(settings)
     for s in steps:
         if s not in known:
@@ -81,36 +113,26 @@ def run_checks(settings: Settings, steps: list[str], hosts: list[str] | None = N
         "KVMLAB_RECIPES_DIR": str(settings.recipes_dir),
         "KVMLAB_PATCHES_DIR": str(settings.patches_dir),
         "KVMLAB_RECIPE": settings.recipe, "KVMLAB_BUILDER": settings.builder,
+        # only testinfra's plugin: auto-loading every installed plugin costs ~0.7 s per run
+        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
         **(extra_env or {}),
     }
-    saved = {k: os.environ.get(k) for k in env}
+    infra = settings.tests_dir / "infra"
     report = VerifyReport()
-    try:
-        os.environ.update(env)
-        with tempfile.TemporaryDirectory(prefix="kvmlab-verify-") as tmp:
-            for step in steps:
-                xml = Path(tmp) / f"{step}.xml"
-                args = [str(settings.tests_dir / "infra" / f"test_{step}.py"),
-                        "--hosts=" + ",".join(hosts), "-q", "-p", "no:cacheprovider",
-                        "--import-mode=importlib", f"--junitxml={xml}",
-                        "-o", "addopts=", "-o", "norecursedirs=", "--no-header",
-                        "--rootdir", str(settings.tests_dir / "infra"),
-                        "-c", str(settings.tests_dir / "infra" / "pytest.ini")]
-                with open(os.devnull, "w") as devnull:
-                    import contextlib
-                    with contextlib.redirect_stdout(devnull):
-                        pytest.main(args)
-                if xml.exists():
-                    report.results.extend(_parse_junit(xml, step))
-                else:
-                    report.results.append(CheckResult("?", step, "collection", "error",
-                                                      "pytest produced no report"))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with tempfile.TemporaryDirectory(prefix="kvmlab-verify-") as tmp:
+        xml = Path(tmp) / "report.xml"
+        args = [*(str(infra / f"test_{step}.py") for step in steps),
+                "--hosts=" + ",".join(hosts), "-q", "-p", "testinfra.plugin",
+                "-p", "no:cacheprovider", "-p", "no:unraisableexception",
+                "--import-mode=importlib", f"--junitxml={xml}",
+                "-o", "addopts=", "-o", "norecursedirs=", "--no-header",
+                "--rootdir", str(infra), "-c", str(infra / "pytest.ini")]
+        _run_pytest(args, env)
+        if xml.exists():
+            report.results.extend(_parse_junit(xml))
+        else:
+            report.results.append(CheckResult("?", ",".join(steps), "collection", "error",
+                                              "pytest produced no report"))
     return report
 
 

@@ -1,0 +1,78 @@
+"""images, build and clean tasks."""
+from __future__ import annotations
+
+from invoke import Context
+
+from .. import ui
+from ..errors import ConfigError
+from ._common import run_step_checks, settings, task
+
+
+@task(help={"builder": "debian12, centos6 or all (default: both image builders)",
+            "force": "rebuild the image(s) even if their inputs are unchanged"})
+def images(ctx: Context, builder: str = "", force: bool = False) -> None:
+    """Build the builder images (debian12: local debootstrap base, no registry; centos6: needs a
+    local centos:6 image)."""
+    from .. import images as images_mod
+    names = images_mod.IMAGE_BUILDERS if builder in ("", "all") else (builder,)
+    for name in names:
+        if name not in images_mod.IMAGE_BUILDERS:
+            raise ConfigError(f"unknown image builder {name!r}",
+                              hint="choose from: " + ", ".join(images_mod.IMAGE_BUILDERS))
+    s = settings(ctx)
+    client = images_mod.docker_client()
+    rows = []
+    for name in names:
+        if builder in ("", "all") and name == "centos6":
+            try:
+                info = images_mod.ensure_image(s, name, force=force, client=client)
+            except Exception as e:  # the default "all" must not fail on the optional centos6
+                from ..errors import DockerError
+                if not isinstance(e, DockerError):
+                    raise
+                ui.warn(f"{e.message}; hint: {e.hint}")
+                rows.append((name, "-", "skipped", e.message))
+                continue
+        else:
+            info = images_mod.ensure_image(s, name, force=force, client=client)
+        rows.append((name, info.ref, "no-op" if info.noop else "built", info.id[:19]))
+    ui.table("builder images", ["builder", "image", "status", "id"], rows)
+
+
+@task(help={"recipe": "recipe name or path (default from settings)",
+            "builder": "debian12, centos6 or native (host toolchain)",
+            "jobs": "parallel make jobs", "force": "rebuild even if the inputs are unchanged",
+            "source": "use this local tarball or directory instead of fetching",
+            "offline": "no network: use only cached sources and existing images",
+            "no-verify": "skip the testinfra checks after the build"})
+def build(ctx: Context, recipe: str = "", builder: str = "", jobs: int = 2, force: bool = False,
+          source: str = "", offline: bool = False, no_verify: bool = False) -> None:
+    """Configure + make the patched source in a builder container; artifacts go to
+    out/<recipe>/<builder>/ with manifest.json."""
+    from .. import build as build_mod
+    s = settings(ctx, recipe=recipe, builder=builder)
+    res = build_mod.build(s, s.recipe, s.builder, jobs=jobs, force=force,
+                          source=source or None, offline=offline)
+    m = res.manifest
+    rows = [(a["path"], a["kind"], a["size"], a["sha256"][:16]) for a in m.get("artifacts", [])]
+    ui.table(f"{m.get('recipe')} ({m.get('builder')}): {res.out_dir}",
+             ["artifact", "kind", "size", "sha256"], rows, status_col=None)
+    if m.get("compiler"):
+        ui.info(f"compiler: {m['compiler']}; firmware dir compiled in: "
+                f"{(m.get('config') or {}).get('datadir')}")
+    run_step_checks(s, "build", no_verify)
+
+
+@task(help={"recipe": "recipe name (default from settings)",
+            "builder": "builder whose build tree and outputs are removed",
+            "all": "also remove work/<recipe> entirely (the unpacked source)"})
+def clean(ctx: Context, recipe: str = "", builder: str = "", all: bool = False) -> None:
+    """Remove a recipe's build tree, build log and out/ for a builder (keeps the download cache
+    and the ccache volume)."""
+    from .. import build as build_mod
+    s = settings(ctx, recipe=recipe, builder=builder)
+    removed = build_mod.clean(s, s.recipe, s.builder, all_work=all)
+    if not removed:
+        ui.info(f"nothing to clean for {s.recipe} ({s.builder})")
+    for p in removed:
+        ui.info(f"removed {p}")

@@ -1,0 +1,84 @@
+"""doctor, load-modules and explain-exit tasks."""
+from __future__ import annotations
+
+import json
+
+from invoke import Context
+
+from .. import ui
+from ..errors import HostError
+from ._common import run_step_checks, settings, task
+
+
+@task(help={"json": "print the report as JSON instead of a table",
+            "timeout": "seconds the probe guest may take before it is killed"})
+def doctor(ctx: Context, json_: bool = False, timeout: float = 10) -> None:
+    """Check CPU, firmware, kvm modules and /dev/kvm, then run a probe guest; give a verdict."""
+    from .. import host
+    rep = host.doctor(timeout=timeout)
+    if json_:
+        print(json.dumps(rep.to_dict(), indent=2))
+        return
+    rows = []
+    for c in rep.checks:
+        text = c.explanation + (f"\nfix: {c.hint}" if c.hint else "")
+        rows.append((c.name, c.shown_status, c.value, text))
+    ui.table("host doctor", ["check", "status", "value", "explanation / fix"], rows)
+    colour = "green" if rep.usable else "red"
+    ui.info(f"verdict: [bold {colour}]{rep.verdict}[/bold {colour}]")
+
+
+# invoke turns a parameter named json_ into --json
+doctor.help["json_"] = doctor.help.pop("json")
+
+
+@task(help={"ko": "comma-separated .ko files to insmod (kvm.ko first) instead of modprobe",
+            "unload": "rmmod the modules instead (refused while VMs use KVM)",
+            "json": "print the result as JSON",
+            "no-verify": "skip the host checks (tests/infra/test_host.py) after loading"})
+def load_modules(ctx: Context, ko: str = "", unload: bool = False, json_: bool = False,
+                 no_verify: bool = False) -> None:
+    """Load kvm + kvm_intel/kvm_amd for this CPU (idempotent, built-in aware); --unload."""
+    from .. import host
+    paths = [p for p in ko.split(",") if p]
+    if unload and paths:
+        raise HostError("--ko and --unload do not go together")
+    res = host.load_modules(paths, unload=unload)
+    if json_:
+        print(json.dumps(res.to_dict(), indent=2))
+    else:
+        for a in res.actions:
+            ui.info(a)
+        ui.table("kvm modules", ["module", "status", "state"],
+                 [(n, "ok" if st in ("loaded", "built-in") else "warn", st)
+                  for n, st in res.state.items()])
+    if not unload:
+        run_step_checks(settings(ctx), "host", no_verify or json_)
+
+
+load_modules.help["json_"] = load_modules.help.pop("json")
+
+
+@task(positional=["code"],
+      help={"code": "VM-exit reason (hex 0x80000022 or decimal), KVM_EXIT_* number or name, "
+                    "or qemu's message text in quotes",
+            "kind": "auto (default), vmx, svm, kvm-exit or suberror",
+            "json": "print the explanation as JSON"})
+def explain_exit(ctx: Context, code: str | None = None, kind: str = "auto", json_: bool = False) -> None:
+    """Explain a VM-exit reason / VM-entry failure, a KVM_EXIT_* code or a KVM internal error."""
+    from ..host import explain_exit as explain
+    e = explain(code or "", kind)
+    if json_:
+        print(json.dumps(e.to_dict(), indent=2))
+        return
+    if e.kind == "qemu":
+        ui.info(f"[bold]{e.name}[/bold]  (qemu message)")
+    else:
+        ui.info(f"[bold]{e.name}[/bold]  ({e.kind} code {e.code:#x} = {e.code})")
+    ui.info(f"meaning: {e.meaning}")
+    for d in e.details:
+        ui.info(f"  - {d}")
+    ui.info(f"check next: {e.next_steps}")
+
+
+explain_exit.help["json_"] = explain_exit.help.pop("json")

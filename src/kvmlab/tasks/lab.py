@@ -1,0 +1,88 @@
+"""lab and repro-check tasks."""
+from __future__ import annotations
+
+from invoke import Context
+
+from .. import lab as lab_mod, ui
+from ..errors import LabError
+from ._common import settings, task
+
+
+@task(help={
+    "recipe": "recipe to build (default: the configured recipe)",
+    "builder": "debian12, centos6 or native",
+    "accel": "boot-test accelerator: auto (KVM if it really works, else TCG), kvm, tcg",
+    "hosts": "inventory file: run the host-side steps on these ssh hosts (one per line or TOML)",
+    "prefix": "install prefix (default: the recipe's, /usr/local)",
+    "destdir": "staging root for install (DESTDIR)",
+    "source": "local tarball or directory instead of downloading",
+    "offline": "use only the download cache",
+    "jobs": "parallel make jobs",
+    "guest": "boot-test guest: tiny, linux or iso",
+    "qemu": "boot-test with this qemu binary instead of the installed one",
+    "skip": "comma-separated steps to skip",
+    "resume": "continue from the step that failed last time",
+    "check": "compare this host with lab.lock.json instead of running the pipeline",
+    "force": "redo the cached host-side steps (doctor, boot-test)",
+    "timeout": "boot-test timeout in seconds",
+    "no_verify": "skip the testinfra checks at the end",
+})
+def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", hosts: str = "",
+        prefix: str = "", destdir: str = "", source: str = "", offline: bool = False,
+        jobs: int = 2, guest: str = "tiny", qemu: str = "", skip: str = "",
+        resume: bool = False, check: bool = False, force: bool = False, timeout: float = 0,
+        no_verify: bool = False) -> None:
+    """The whole pipeline (fetch ... boot-test), recorded in lab.lock.json; --check compares."""
+    s = settings(ctx, recipe=recipe, builder=builder)
+    if check:
+        diffs = lab_mod.check(s)
+        if diffs:
+            ui.table("differences from lab.lock.json", ["what", "locked", "now", "status"],
+                     [(d.key, d.locked[:70], d.now[:70], "fail") for d in diffs])
+            raise LabError(f"{len(diffs)} difference(s) from {lab_mod.lock_path(s)}: " +
+                           ", ".join(d.key for d in diffs[:4]),
+                           hint="re-run `invoke lab` to bring this host back to the lock")
+        ui.info(f"[green]matches[/green] {lab_mod.lock_path(s)}")
+        return
+    opts = lab_mod.LabOptions(
+        recipe=s.recipe, builder=s.builder, accel=accel, prefix=prefix or None,
+        destdir=destdir or None, source=source or None, offline=offline, jobs=jobs, guest=guest,
+        qemu=qemu or None, force=force, skip=tuple(x for x in skip.split(",") if x),
+        timeout=timeout or None)
+    if hosts:
+        from .. import remote
+        remote.run_hosts(s, opts, hosts)
+        return
+    with ui.console.status("lab") as status:
+        res = lab_mod.run_lab(s, opts, resume=resume,
+                              on_step=lambda st: status.update(f"lab: {st} ..."))
+    lab_mod.print_summary(res)
+    if res.error:
+        raise LabError(f"lab stopped at {res.failed.step}: {res.error.message}",
+                       hint=(res.error.hint + "; " if res.error.hint else "") +
+                       "fix it, then `invoke lab --resume` continues from there")
+    ui.info(f"lock written: {res.lock_path}")
+    if not no_verify:
+        from .. import verify as verify_mod
+        steps = [st for st in verify_mod.available_steps(s) if st in lab_mod.VERIFIED_STEPS]
+        report = verify_mod.run_checks(s, steps, ["local://"], extra_env=lab_mod.verify_env(res))
+        verify_mod.print_report(report)
+        if not report.ok:
+            raise LabError("lab finished but its checks failed: " +
+                           ", ".join(f"{r.step}/{r.name}" for r in report.failed()[:5]))
+
+
+@task(help={"recipe": "recipe to build", "builder": "builder", "source": "local source",
+            "jobs": "parallel make jobs"})
+def repro_check(ctx: Context, recipe: str = "", builder: str = "", source: str = "",
+                jobs: int = 2) -> None:
+    """Build twice from scratch in different directories and compare the artifacts bit for bit."""
+    s = settings(ctx, recipe=recipe, builder=builder)
+    res = lab_mod.repro_check(s, s.recipe, s.builder, source=source or None, jobs=jobs)
+    ui.table("repro-check", ["artifact", "first", "second", "status"],
+             [(p, a[:16], b[:16], "ok" if a == b else "fail") for p, a, b in res])
+    bad = [p for p, a, b in res if a != b]
+    if bad:
+        raise LabError(f"{len(bad)} artifact(s) differ between two builds: {', '.join(bad)}",
+                       hint="something variable is embedded (timestamps, paths); see the table")
+    ui.info(f"[green]reproducible[/green]: {len(res)} artifact(s) bit-identical")

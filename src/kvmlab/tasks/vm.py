@@ -1,0 +1,129 @@
+"""create-image, guest and boot-test tasks."""
+from __future__ import annotations
+
+import shlex
+
+from invoke import Context
+
+from .. import ui
+from ..errors import VMError
+from ._common import run_step_checks, settings, task
+
+
+@task(help={"path": "where to create the image",
+            "size": "virtual size, e.g. 10G, 512M (binary units)",
+            "format": "qcow2 or raw",
+            "force": "replace an existing file",
+            "qemu_img": "qemu-img to use (default: installed build, else PATH)",
+            "no_verify": "skip the testinfra checks of the image afterwards"})
+def create_image(ctx: Context, path: str, size: str = "10G", format: str = "qcow2",
+                 force: bool = False, qemu_img: str = "", no_verify: bool = False) -> None:
+    """Create a disk image with qemu-img (refuses to overwrite without --force)."""
+    from ..image import create_image as create, human_size
+    s = settings(ctx)
+    r = create(path, size, format, qemu_img=qemu_img or None, force=force, settings=s)
+    ui.table("disk image", ["path", "format", "virtual size", "qemu-img", "status"],
+             [(r.path, r.format, f"{human_size(r.virtual_size)} ({r.virtual_size} bytes)",
+               r.qemu_img, "ok")])
+    run_step_checks(s, "boot", no_verify, extra_env={
+        "KVMLAB_VERIFY_IMAGE": str(r.path), "KVMLAB_VERIFY_IMAGE_SIZE": str(r.virtual_size),
+        "KVMLAB_VERIFY_IMAGE_FORMAT": r.format, "KVMLAB_VERIFY_RESULTS": ""})
+
+
+@task(help={"kind": "tiny, linux or iso (default: all three)",
+            "kernel": "kernel for linux/iso (default: newest /boot/vmlinuz-*)",
+            "init": "file whose contents replace the linux guest's /init (testing)",
+            "force": "rebuild even when cached",
+            "listing": "print the tiny boot sector's instructions"})
+def guest(ctx: Context, kind: str = "", kernel: str = "", init: str = "", force: bool = False,
+          listing: bool = False) -> None:
+    """Make (or show the cached) test guests."""
+    from .. import guest as g
+    s = settings(ctx)
+    init_script = _read_init(init)
+    rows = []
+    for k in ([kind] if kind else list(g.KINDS)):
+        gu = g.make_guest(s, k, kernel=kernel or None, init_script=init_script, force=force)
+        files = [p for p in (gu.disk, gu.kernel, gu.vmlinux, gu.initrd, gu.iso) if p]
+        size = sum(p.stat().st_size for p in files)
+        rows.append((k, gu.dir, ", ".join(p.name for p in files), f"{size / 1e6:.1f} MB",
+                     "cached" if gu.cached else "built"))
+    ui.table("test guests", ["kind", "directory", "files", "size", "status"], rows)
+    if listing:
+        ui.info(g.boot_sector_listing())
+
+
+def _read_init(path: str) -> str | None:
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise VMError(f"cannot read --init {path}: {e.strerror}") from None
+
+
+@task(help={"qemu": "qemu-system-x86_64 to boot with (default: installed build, else PATH)",
+            "accel": "auto (KVM if the host probe says it works, else TCG), kvm or tcg",
+            "guest": "tiny, linux or iso (default: tiny then linux)",
+            "iso": "boot this installer ISO to its boot loader instead of a test guest",
+            "kernel": "kernel for the linux/iso guest",
+            "disk": "disk image to attach (default: a fresh 1G qcow2 per run)",
+            "timeout": "seconds to wait for the marker (default: per guest)",
+            "memory": "guest RAM in MiB",
+            "init": "file replacing the linux guest's /init (testing)",
+            "dry_run": "print the qemu command line(s) and stop",
+            "show_command": "print the qemu command line(s), then boot",
+            "no_verify": "skip the testinfra checks afterwards"})
+def boot_test(ctx: Context, qemu: str = "", accel: str = "auto", guest: str = "", iso: str = "",
+              kernel: str = "", disk: str = "", timeout: float = 0.0, memory: int = 256,
+              init: str = "", dry_run: bool = False, show_command: bool = False,
+              no_verify: bool = False) -> None:
+    """Boot test guests headless with qemu; report booted, accelerator, time to marker."""
+    from .. import vm
+    s = settings(ctx)
+    init_script = _read_init(init)
+    if iso:
+        guests = ["user-iso"]
+    elif guest:
+        guests = [x for x in guest.split(",") if x]
+    else:
+        guests = ["tiny", "linux"]
+    results = []
+    for g in guests:
+        r = vm.boot_test(s, qemu=qemu or None, accel=accel, guest=g if g != "user-iso" else "tiny",
+                         iso=iso or None, kernel=kernel or None, disk=disk or None,
+                         timeout=timeout or None, memory=memory, init_script=init_script,
+                         dry_run=dry_run)
+        if dry_run or show_command:
+            print(shlex.join(r.command), flush=True)
+        if dry_run:
+            continue
+        if not results:
+            ui.info(f"accelerator: {r.accel} ({r.accel_reason})")
+        results.append(r)
+        if not r.booted:
+            break
+    if dry_run:
+        return
+    rows = []
+    for r in results:
+        secs = f"{r.seconds:.2f}" if r.seconds is not None else "-"
+        facts = r.facts
+        detail = r.evidence or (f"kernel {facts.get('kernel')}, clocksource "
+                                f"{facts.get('clocksource')}, uptime {facts.get('uptime')} s"
+                                if facts else "")
+        rows.append((r.guest, r.qemu_version, r.accel, "yes" if r.booted else "fail", secs,
+                     "; ".join(r.warnings) or "-", detail))
+    ui.table("boot-test", ["guest", "qemu", "accel", "booted", "seconds", "warnings", "detail"],
+             rows, status_col="booted")
+    last = vm.write_last(s, results)
+    bad = [r for r in results if not r.booted]
+    if bad:
+        r = bad[0]
+        ui.info(f"[dim]serial log {r.serial_log}, last lines:[/dim]")
+        print(r.serial_tail(), flush=True)
+        raise VMError(f"{r.guest} guest did not boot: {r.failure}",
+                      hint=f"serial log kept in {r.serial_log}; command in {r.run_dir}/command.txt")
+    run_step_checks(s, "boot", no_verify, extra_env={"KVMLAB_VERIFY_RESULTS": str(last),
+                                                      "KVMLAB_VERIFY_IMAGE": ""})

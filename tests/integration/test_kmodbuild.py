@@ -1,0 +1,173 @@
+"""The real thing: kvm.ko + kvm-intel.ko + kvm-amd.ko from Debian's linux-source-6.1, built against
+linux-headers of the same version in the debian12-kmod builder (kernel build system, real .ko
+files), plus the compat header through the builder's gcc with and without the headers' own
+include/linux/kconfig.h.
+
+One build is shared by the whole module (the image and the extracted source are reused, ccache
+is warm for the debug-vmx rebuild). Needs dockerd and the Debian apt mirror (image build).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kvmlab import kmodbuild
+from support.kmod import COMPAT_HEADER, PROBE_C, REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.docker]
+RECIPE = "kvm-kmod-6.1"
+
+
+def _docker_or_skip():
+    from kvmlab import images
+    from kvmlab.errors import DockerError
+    try:
+        return images.docker_client()
+    except DockerError as e:
+        pytest.skip(f"no docker daemon: {e.message}")
+
+
+@pytest.fixture(scope="module")
+def kmod_state(tmp_path_factory):
+    """Settings with a private state dir (the shared ccache volume and images are reused)."""
+    from kvmlab.config import load_settings
+    _docker_or_skip()
+    base = tmp_path_factory.mktemp("kmod")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KVMLAB_HOME", str(REPO))
+    mp.setenv("KVMLAB_STATE_DIR", str(base / "state"))
+    mp.setenv("KVMLAB_CACHE", str(base / "cache"))
+    mp.setenv("KVMLAB_LOCK", str(base / "state/kvmlab.lock"))
+    (base / "state").mkdir()
+    yield load_settings(), base
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def built(kmod_state):
+    s, _ = kmod_state
+    return kmodbuild.build_kmod(s, RECIPE, "debian12", jobs=2, quiet=True)
+
+
+def test_builds_the_three_modules_for_the_headers_version(built):
+    m = built.manifest
+    assert not built.noop
+    names = [a["path"] for a in m["artifacts"]]
+    assert names == ["kvm.ko", "kvm-intel.ko", "kvm-amd.ko"]
+    release = m["headers"]["release"]
+    assert release == "6.1.0-50-amd64" == m["kernel_release"]
+    assert m["headers"]["version"] == m["source"]["version"] == "6.1.176-1"
+    for a in m["artifacts"]:
+        p = built.out_dir / a["path"]
+        assert p.is_file() and p.stat().st_size == a["size"] > 100_000
+        assert kmodbuild.sha256_file(p) == a["sha256"]
+        info = kmodbuild.read_modinfo(p)
+        assert info["vermagic"] == a["vermagic"]
+        assert info["vermagic"].split()[0] == release
+        assert "mod_unload" in info["vermagic"] and "modversions" in info["vermagic"]
+        assert re.fullmatch(r"[0-9a-f]{40}", a["build_id"])
+        assert a["build_id_note"].endswith(a["build_id"])
+    by = {a["name"]: a for a in m["artifacts"]}
+    # Debian 6.1: kvm needs irqbypass, kvm_amd needs ccp (SEV), both from the running kernel
+    assert by["kvm"]["depends"] == ["irqbypass"] and by["kvm_intel"]["depends"] == ["kvm"]
+    assert "kvm" in by["kvm_amd"]["depends"]
+    paths = [built.out_dir / a["path"] for a in m["artifacts"]]
+    assert set(kmodbuild.external_depends(paths)) == {"irqbypass", "ccp"}
+    assert m["compat"]["items"] == []          # 6.1 headers + gcc 12: nothing to add
+    assert m["compiler"].startswith("gcc")
+
+
+def test_modinfo_program_agrees(built):
+    prog = shutil.which("modinfo") or ("/usr/sbin/modinfo" if Path("/usr/sbin/modinfo").exists()
+                                       else None)
+    if prog is None:
+        pytest.skip("modinfo (kmod) is not installed on this host")
+    for a in built.manifest["artifacts"]:
+        out = subprocess.run([prog, "-F", "vermagic", str(built.out_dir / a["path"])],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == a["vermagic"].strip()
+
+
+def test_vermagic_mismatch_is_detected_before_insmod(built):
+    kvm = built.out_dir / "kvm.ko"
+    assert kmodbuild.check_vermagic(kvm, "6.1.0-50-amd64")["name"] == "kvm"
+    other = os.uname().release if os.uname().release != "6.1.0-50-amd64" else "6.18.0-other"
+    with pytest.raises(kmodbuild.VermagicMismatch) as e:
+        kmodbuild.check_vermagic(built.out_dir / "kvm-intel.ko", other)
+    assert "6.1.0-50-amd64" in e.value.message and other in e.value.message
+    order = kmodbuild.modules_from(built.out_dir)
+    assert [p.name for p in order][0] == "kvm.ko"
+
+
+def test_second_build_is_a_noop(kmod_state, built):
+    s, _ = kmod_state
+    again = kmodbuild.build_kmod(s, RECIPE, "debian12", jobs=2, quiet=True)
+    assert again.noop and again.manifest["inputs_sha256"] == built.manifest["inputs_sha256"]
+
+
+def test_debug_vmx_series_builds_and_adds_the_printks(kmod_state, built):
+    s, base = kmod_state
+    rdir = base / "recipes"
+    rdir.mkdir(exist_ok=True)
+    text = (REPO / "recipes" / f"{RECIPE}.toml").read_text()
+    assert "debug-vmx = false" in text
+    (rdir / f"{RECIPE}.toml").write_text(text.replace("debug-vmx = false", "debug-vmx = true"))
+    s2 = type(s)(**{**s.__dict__, "recipes_dir": rdir})
+    plain_intel = (built.out_dir / "kvm-intel.ko").read_bytes()
+    plain_kvm_sha = {a["name"]: a["sha256"] for a in built.manifest["artifacts"]}
+    dbg = kmodbuild.build_kmod(s2, RECIPE, "debian12", jobs=2, quiet=True)
+    assert [p["name"] for p in dbg.manifest["patches"]] == [
+        "debug-vmx-enable.patch", "debug-vmx-entry.patch"]
+    intel = (dbg.out_dir / "kvm-intel.ko").read_bytes()
+    for marker in (b"kvm-debug: VMXON ok on cpu", b"IA32_FEATURE_CONTROL (0x3a) = 0x",
+                   b"kvm-debug: VM-entry failed on cpu", b"entry controls 0x"):
+        assert marker in intel and marker not in plain_intel, marker
+    sha = {a["name"]: a["sha256"] for a in dbg.manifest["artifacts"]}
+    # the series touches vmx.c only: the same sources give bit-identical kvm.ko / kvm-amd.ko
+    assert sha["kvm"] == plain_kvm_sha["kvm"] and sha["kvm_amd"] == plain_kvm_sha["kvm_amd"]
+    assert sha["kvm_intel"] != plain_kvm_sha["kvm_intel"]
+
+
+def test_compat_header_in_the_builder_against_the_real_kconfig_h(kmod_state, built):
+    """The builder's gcc: with the 6.1 headers' own kconfig.h the compat header changes no macro;
+    without it, it alone makes the probe compile, with the same answers as kconfig.h's."""
+    from kvmlab.build import _LogSink, _run_container
+    s, base = kmod_state
+    m = built.manifest
+    common = [d for d in m["facts"]["HEADER_DIRS"].split() if d.endswith("-common")][0]
+    work = base / "compat-probe"
+    work.mkdir()
+    shutil.copy(COMPAT_HEADER, work / "kvmlab-compat.h")
+    (work / "probe.c").write_text(PROBE_C)
+    (work / "empty.c").write_text("")
+    kconfig = f"{common}/include/linux/kconfig.h"
+    inc = f"-I {m['headers']['dir']}/include -I {common}/include"
+    script = "\n".join([
+        "set -e",
+        f"gcc -E -dM {inc} -include {kconfig} empty.c | sort > with-kconfig.txt",
+        f"gcc -E -dM {inc} -include {kconfig} -include kvmlab-compat.h empty.c | sort "
+        "> with-kconfig-and-compat.txt",
+        f"gcc -c {inc} -include {kconfig} probe.c -o kconfig.o",
+        "gcc -c -include kvmlab-compat.h probe.c -o compat.o",
+        "if gcc -c probe.c -o none.o 2>none.err; then echo NONE-COMPILED; fi",
+        "grep -c '#define IS_ENABLED' with-kconfig.txt",
+    ])
+    sink = _LogSink(work / "probe.log", quiet=True)
+    try:
+        rc = _run_container(_docker_or_skip(), m["image"], work, script,
+                            {"LC_ALL": "C"}, sink, f"kvmlab-test-kmod-compat-{os.getpid()}", 300)
+    finally:
+        sink.close()
+    log = (work / "probe.log").read_text()
+    assert rc == 0, log
+    assert "NONE-COMPILED" not in log          # without either, IS_ENABLED does not exist
+    assert (work / "with-kconfig.txt").read_text() == \
+        (work / "with-kconfig-and-compat.txt").read_text()
+    assert "#define IS_ENABLED(" in (work / "with-kconfig.txt").read_text()
+    assert (work / "kconfig.o").is_file() and (work / "compat.o").is_file()

@@ -1,0 +1,122 @@
+"""fetch against a real HTTP server on 127.0.0.1 (tests/support/httpserver.py): resume, mirrors,
+wrong bytes, timeouts, retries."""
+import pytest
+
+from kvmlab.errors import ChecksumError, FetchError
+from kvmlab.fetch import FetchOptions, fetch_source
+from support.fakeqemu import make_fake_qemu_tarball, sha256_file
+from support.httpserver import LoopbackServer, free_port
+from support.pipeline import cached_files, fake_project
+
+FAST = FetchOptions(connect_timeout=2, read_timeout=0.5, retries=1, backoff=0, progress=False)
+
+
+@pytest.fixture
+def tarball(tmp_path):
+    return make_fake_qemu_tarball(tmp_path / "dist")
+
+
+@pytest.fixture
+def server(tarball):
+    with LoopbackServer({tarball.name: tarball.read_bytes()}) as srv:
+        yield srv
+
+
+def project(tmp_path, monkeypatch, tarball, server, *modes, sha="unknown"):
+    urls = [server.url(m, tarball.name) if m != "refused" else
+            f"http://127.0.0.1:{free_port()}/{tarball.name}" for m in modes]
+    return fake_project(tmp_path, monkeypatch, tarball=tarball, urls=urls, sha256=sha)
+
+
+def test_cut_connection_is_resumed_with_range(tmp_path, monkeypatch, kvmlab_env, tarball, server):
+    s, r = project(tmp_path, monkeypatch, tarball, server, "cut")
+    res = fetch_source(s, r, options=FAST)
+    assert res.sha256 == sha256_file(tarball) == sha256_file(res.path)
+    half = tarball.stat().st_size // 2
+    assert server.requests == [("cut", tarball.name, None, 200),
+                               ("cut", tarball.name, f"bytes={half}-", 206)]
+
+
+def test_part_file_from_an_earlier_run_is_resumed(tmp_path, monkeypatch, kvmlab_env, tarball,
+                                                   server):
+    s, r = project(tmp_path, monkeypatch, tarball, server, "range")
+    part = s.sources_cache / ".partial" / f"{tarball.name}.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(tarball.read_bytes()[:1000])
+    res = fetch_source(s, r, options=FAST)
+    assert res.sha256 == sha256_file(tarball) and not part.exists()
+    assert server.requests == [("range", tarball.name, "bytes=1000-", 206)]
+
+
+def test_server_ignoring_range_gets_a_full_download(tmp_path, monkeypatch, kvmlab_env, tarball,
+                                                    server):
+    s, r = project(tmp_path, monkeypatch, tarball, server, "normal")
+    part = s.sources_cache / ".partial" / f"{tarball.name}.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"stale bytes from another attempt")
+    assert fetch_source(s, r, options=FAST).sha256 == sha256_file(tarball)
+    assert server.requests[0][3] == 200
+
+
+def test_404_mirror_then_next(tmp_path, monkeypatch, kvmlab_env, tarball, server):
+    s, r = project(tmp_path, monkeypatch, tarball, server, "missing", "range")
+    res = fetch_source(s, r, options=FAST)
+    assert res.origin == server.url("range", tarball.name)
+    assert [q[0] for q in server.requests] == ["missing", "range"]
+
+
+def test_every_failure_is_reported_per_url(tmp_path, monkeypatch, kvmlab_env, tarball, server):
+    s, r = project(tmp_path, monkeypatch, tarball, server, "missing", "refused")
+    with pytest.raises(FetchError) as e:
+        fetch_source(s, r, options=FAST)
+    msg = e.value.message
+    assert f"{server.url('missing', tarball.name)}: HTTP 404" in msg
+    assert "connection refused" in msg and "--source" in e.value.hint
+    assert cached_files(s) == []
+
+
+def test_wrong_bytes_hard_error_nothing_cached(tmp_path, monkeypatch, kvmlab_env, tarball, server):
+    s, r = project(tmp_path, monkeypatch, tarball, server, "wrong", "range",
+                   sha=sha256_file(tarball))
+    with pytest.raises(ChecksumError) as e:
+        fetch_source(s, r, options=FAST)
+    assert server.url("wrong", tarball.name) in e.value.message
+    assert f"expected {sha256_file(tarball)} (pinned), got " in e.value.message
+    assert [q[0] for q in server.requests] == ["wrong"]  # a mismatch never falls through
+    assert cached_files(s) == []
+
+
+def test_lock_on_first_use_then_mismatch_over_http(tmp_path, monkeypatch, kvmlab_env, tarball,
+                                                   server):
+    s, r = project(tmp_path, monkeypatch, tarball, server, "range")
+    first = fetch_source(s, r, options=FAST)
+    assert first.check == "locked now"
+    other = make_fake_qemu_tarball(tmp_path / "x", kvm_version="y")
+    server.files[tarball.name] = other.read_bytes()
+    with pytest.raises(ChecksumError, match=f"expected {first.sha256} \\(locked\\)"):
+        fetch_source(s, r, force=True, options=FAST)
+    assert fetch_source(s, r, options=FAST).status == "cached"  # the good copy is still there
+
+
+def test_slow_server_times_out_with_the_url(tmp_path, monkeypatch, kvmlab_env, tarball, server):
+    # the server would answer after 30 s; a hang would make the fetch succeed late and fail this
+    s, r = project(tmp_path, monkeypatch, tarball, server, "slow")
+    with pytest.raises(FetchError) as e:
+        fetch_source(s, r, options=FAST)
+    assert f"{server.url('slow', tarball.name)}: timed out: no data for 0.5s" in e.value.message
+
+
+def test_503_is_retried_by_urllib3(tmp_path, monkeypatch, kvmlab_env, tarball, server):
+    s, r = project(tmp_path, monkeypatch, tarball, server, "flaky")
+    assert fetch_source(s, r, options=FAST).sha256 == sha256_file(tarball)
+    assert [q[3] for q in server.requests] == [503, 200]
+
+
+def test_part_that_is_not_a_prefix_gets_416_and_starts_over(tmp_path, monkeypatch, kvmlab_env,
+                                                            tarball, server):
+    s, r = project(tmp_path, monkeypatch, tarball, server, "range")
+    part = s.sources_cache / ".partial" / f"{tarball.name}.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"x" * (tarball.stat().st_size + 10))
+    assert fetch_source(s, r, options=FAST).sha256 == sha256_file(tarball)
+    assert [q[3] for q in server.requests] == [416, 200]

@@ -1,0 +1,72 @@
+"""Lab pieces that need no daemon: inventory parsing, the remote command, lock comparison."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvmlab import lab, remote
+from kvmlab.errors import LabError
+
+
+def test_inventory_lines_and_toml(tmp_path):
+    p = tmp_path / "hosts.txt"
+    p.write_text("# lab\nssh://root@127.0.0.1:2201 key=/k\nadmin@labhost\n\n127.0.0.2:2202  # c\n")
+    hosts = remote.parse_inventory(p)
+    assert [(h.user, h.address, h.port, h.key) for h in hosts] == [
+        ("root", "127.0.0.1", 2201, "/k"), ("admin", "labhost", 22, None),
+        ("root", "127.0.0.2", 2202, None)]
+    t = tmp_path / "hosts.toml"
+    t.write_text('hosts = ["ssh://a@h1:2"]\n[[host]]\naddress = "h2"\nuser = "b"\nport = 3\n')
+    assert [h.label for h in remote.parse_inventory(t)] == ["a@h1:2", "b@h2:3"]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("", "names no hosts"),
+    ("ssh://root@h:22 colour=blue\n", "unknown field"),
+    ("http://h/\n", "not an ssh target"),
+])
+def test_inventory_errors(tmp_path, text, needle):
+    p = tmp_path / "hosts.txt"
+    p.write_text(text)
+    with pytest.raises(LabError) as e:
+        remote.parse_inventory(p)
+    assert needle in e.value.message
+
+
+def test_remote_command_quotes_and_skips_build_steps():
+    opts = lab.LabOptions(recipe="r; rm -rf /", builder="debian12", prefix="/opt/x y",
+                          skip=("boot-test",))
+    cmd = remote.remote_command(opts)
+    assert "'r; rm -rf /'" in cmd and "'/opt/x y'" in cmd
+    assert "--skip fetch,patch,images,build,boot-test" in cmd
+
+
+def test_check_reports_changed_installed_file(kvmlab_env, tmp_path):
+    f = tmp_path / "bios.bin"
+    f.write_bytes(b"good")
+    from kvmlab.fsutil import sha256_file
+    lock = {"recipe": {"name": "qemu-kvm-0.12.1.2"}, "builder": "debian12",
+            "installed": {str(f): sha256_file(f)}}
+    now = lab.current_facts(kvmlab_env, lock, host_facts=False)
+    assert now["installed"][str(f)] == sha256_file(f)
+    f.write_bytes(b"bad")
+    lp = lab.lock_path(kvmlab_env)
+    lp.write_text(json.dumps({**lock, **{k: v for k, v in now.items() if k != "installed"}}))
+    diffs = lab.check(kvmlab_env, host_facts=False)
+    assert [d.key for d in diffs] == [f"installed.{f}"]
+    f.unlink()
+    assert lab.check(kvmlab_env, host_facts=False)[0].now == "missing"
+
+
+def test_resume_without_state_is_a_clear_error(kvmlab_env):
+    with pytest.raises(LabError) as e:
+        lab.run_lab(kvmlab_env, lab.LabOptions(recipe="qemu-kvm-0.12.1.2", builder="debian12"),
+                    resume=True)
+    assert "nothing to resume" in e.value.message
+
+
+def test_unknown_skip_step(kvmlab_env):
+    with pytest.raises(LabError):
+        lab.run_lab(kvmlab_env, lab.LabOptions(recipe="qemu-kvm-0.12.1.2", builder="debian12",
+                                               skip=("bogus",)))
