@@ -107,6 +107,7 @@ def med(xs: list[float]) -> float:
 
 def overhead(s, qemu: Path, guest: str, n: int) -> dict:
     tool, hand, marker_tool, marker_hand, uptimes = [], [], [], [], []
+    vm.boot_test(s, qemu=qemu, accel="tcg", guest=guest)  # warm-up: guest cache, qemu probe
     for _ in range(n):
         r = vm.boot_test(s, qemu=qemu, accel="tcg", guest=guest)
         if not r.booted:

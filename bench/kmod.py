@@ -105,7 +105,7 @@ def main() -> int:
                 volumes={str(hand): {"bind": str(hand), "mode": "rw"},
                          vol: {"bind": B.CCACHE_DIR, "mode": "rw"}},
                 environment={"CCACHE_DIR": B.CCACHE_DIR, "PATH": B.CONTAINER_PATH,
-                             "HOME": "/tmp", "LC_ALL": "C", "CCACHE_BASEDIR": str(hand)})
+                             "HOME": "/tmp", "LC_ALL": "C"})
             try:
                 for _ in c.logs(stream=True, follow=True):
                     pass

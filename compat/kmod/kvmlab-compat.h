@@ -11,7 +11,7 @@
  *        #ifndef, and the helpers use names of their own and are defined only when one of the
  *        four is missing, so on kernels that do have them (their include/linux/kconfig.h is
  *        force-included before this file) it defines nothing at all: tests/unit/test_kmodbuild.py
- *        (host gcc) and tests/integration/test_kmodbuild.py (builder gcc + the real 6.1 headers)
+ *        (host gcc) and tests/integration/test_kmodbuild_docker.py (builder gcc + the real 6.1 headers)
  *        compare the preprocessor's macro table with and without it.
  * Works with 2.6.x autoconf.h, which defines CONFIG_FOO as 1 for =y and CONFIG_FOO_MODULE as 1
  * for =m, exactly like later kernels: the placeholder trick below turns "defined to 1" into 1 and

@@ -473,10 +473,14 @@ def _build(settings: Settings, recipe: Recipe, builder: str, *, jobs: int, force
 
     client = None
     image_ref = None
+    # the image: docker/<builders.NAME.image> when the recipe names one (e.g. debian12-el6),
+    # else docker/<builder>
+    img_builder = recipe.builder(builder).image or builder
     if builder != "native":
-        if builder == "centos6":  # its image tag depends on the local centos:6 id
+        dockerfile = images.docker_dir(settings, img_builder) / "Dockerfile"
+        if images.local_base_name(dockerfile) is None:  # tag depends on a local image's id
             client = images.docker_client()
-        repo, tag = images.image_ref(settings, builder, client)
+        repo, tag = images.image_ref(settings, img_builder, client)
         image_ref = f"{repo}:{tag}"
     inputs = {"recipe_sha256": recipe.sha256, "source_sha256": prepared.source_sha256,
               "patches": [dict(p) for p in prepared.patches], "image": image_ref,
@@ -493,7 +497,7 @@ def _build(settings: Settings, recipe: Recipe, builder: str, *, jobs: int, force
     image_id = None
     if builder != "native":
         client = client or images.docker_client()
-        info = _image_for(settings, builder, offline, client)
+        info = _image_for(settings, img_builder, offline, client)
         image_ref, image_id = info.ref, info.id
 
     settings.work(recipe.name).mkdir(parents=True, exist_ok=True)

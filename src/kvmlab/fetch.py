@@ -33,6 +33,7 @@ from .config import Settings
 from .errors import ChecksumError, ConfigError, FetchError
 from .fsutil import CHUNK, atomic_write_json, read_json, sha256_file, tree_sha256
 from .recipe import Recipe
+from .srpm import is_srpm
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
 
@@ -355,6 +356,11 @@ def _fetch(settings: Settings, recipe: Recipe, source: str | Path | None, offlin
         if not p.is_file():
             raise FetchError(f"--source {source}: no such file or directory",
                              hint="give a tarball of the sources or an unpacked source directory")
+        if recipe.source.format == "srpm" and not is_srpm(p):
+            # a plain (already %prep'ed) tree tarball for an srpm recipe: hashed, never locked
+            # as the source RPM's checksum
+            return FetchResult(recipe.name, p.name, "tarball", p, sha256_file(p),
+                               p.stat().st_size, str(p), "local", "local tree")
     expected, check = expected_sha256(settings, recipe)
     if source:  # always hashed: it must be the pinned/locked tarball
         r = _download(settings, recipe, [p.as_uri()], expected, check, opts)

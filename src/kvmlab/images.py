@@ -29,7 +29,7 @@ from . import ui
 from .config import Settings
 from .errors import DockerError
 
-IMAGE_BUILDERS = ("debian12", "centos6", "debian12-kmod", "debian12-el6")  # debian12-kmod: kvmlab.kmodbuild; debian12-el6: recipe qemu-kvm-0.12.1.2-el6
+IMAGE_BUILDERS = ("debian12", "centos6", "debian12-kmod", "debian12-el6", "centos6-el6")  # debian12-kmod: kvmlab.kmodbuild
 BASE_REPO = "kvmlab/base-{name}"
 IMAGE_REPO = "kvmlab/{builder}"
 LABEL_INPUTS = "io.kvmlab.inputs"
@@ -257,12 +257,24 @@ def dockerfile_base_default(dockerfile: Path) -> str:
     return ""
 
 
+def local_base_name(dockerfile: Path) -> str | None:
+    """'debian12' when the Dockerfile builds on the local debootstrap base
+    (ARG BASE=kvmlab/base-debian12[:tag]); None for an external base such as centos:6."""
+    default = dockerfile_base_default(dockerfile)
+    prefix = BASE_REPO.format(name="")
+    if default.startswith(prefix):
+        return default[len(prefix):].split(":", 1)[0] or None
+    return None
+
+
 def image_inputs(settings: Settings, builder: str, client: Any | None = None) -> tuple[dict, str]:
-    """(inputs, base reference) of a builder image. debian12 needs no docker (its base tag is a
-    hash of its own inputs); centos6 depends on the id of the local centos:6 image."""
+    """(inputs, base reference) of a builder image. Images on the local debootstrap base
+    (debian12 and its variants) need no docker: the base tag is a hash of its own inputs; an
+    external base (centos6: centos:6) contributes the id of the local image."""
     d = docker_dir(settings, builder)
-    if builder == "debian12":
-        base = base_ref("debian12")
+    local = local_base_name(d / "Dockerfile")
+    if local:
+        base = base_ref(local)
         return {"builder": builder, "files": dir_hash(d), "base": base}, base
     base = dockerfile_base_default(d / "Dockerfile") or CENTOS6_DEFAULT_BASE
     if client is None:
@@ -479,7 +491,7 @@ def _stream_build(client: Any, ctx: Path, ref: str, buildargs: dict[str, str], l
 def ensure_image(settings: Settings, builder: str, *, force: bool = False,
                  client: Any | None = None, quiet: bool = False) -> ImageInfo:
     """The builder image kvmlab/<builder>:<inputs hash>, built from docker/<builder>/ if missing."""
-    if builder not in IMAGE_BUILDERS:
+    if builder == "native" or not (settings.docker_dir / builder / "Dockerfile").is_file():
         raise DockerError(f"builder {builder!r} has no image",
                           hint="image builders: " + ", ".join(IMAGE_BUILDERS) +
                           ("" if builder == "native" else "; or `--builder native`"))
@@ -490,14 +502,15 @@ def ensure_image(settings: Settings, builder: str, *, force: bool = False,
     img = find_image(client, ref)
     if img is not None and not force:
         return ImageInfo(repo, tag, img.id, True)
-    if builder == "debian12":
-        base = ensure_base_image(settings, "debian12", client=client)
+    local = local_base_name(ctx / "Dockerfile")
+    if local:
+        base = ensure_base_image(settings, local, client=client)
         base_name = base.ref
     else:
         base_name = dockerfile_base_default(ctx / "Dockerfile") or CENTOS6_DEFAULT_BASE
         if find_image(client, base_name) is None:
             raise _missing_base_error(builder, base_name)
-        if not host_has_vsyscall():
+        if base_name.startswith("centos:6") and not host_has_vsyscall():
             raise DockerError("this kernel has no vsyscall page (vsyscall=none): CentOS 6's "
                               "glibc 2.12 crashes in every container (exit 139)",
                               hint="boot the host with vsyscall=xonly (the default) or "

@@ -646,16 +646,22 @@ def _save_manifest(path: Path, m: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # install
-def _binary_items(recipe: Recipe, out: Path, manifest: dict[str, Any], bindir: Path,
-                  mode: str) -> list[_Item]:
-    names = recipe.install.get("binary_names", {}) or {}
+def _binary_dest(recipe: Recipe, root: Path, bindir: Path, base: str) -> Path:
+    """Where binary `base` goes: bindir/<name>, or root/<name> when the recipe's binary_names
+    value has a "/" (relative to the prefix, e.g. RHEL's libexec/qemu-kvm)."""
+    name = (recipe.install.get("binary_names", {}) or {}).get(base, base)
+    return root / name if "/" in name else bindir / name
+
+
+def _binary_items(recipe: Recipe, out: Path, manifest: dict[str, Any], root: Path,
+                  bindir: Path, mode: str) -> list[_Item]:
     items = []
     for a in manifest.get("artifacts", []):
         if a.get("kind") != "binary":
             continue
         src = out / a["path"]
         base = os.path.basename(a["path"])
-        dest = bindir / names.get(base, base)
+        dest = _binary_dest(recipe, root, bindir, base)
         m = int(str(a.get("mode", "0755")), 8) if isinstance(a.get("mode"), str) else \
             int(a.get("mode") or 0o755)
         if mode == "symlink":
@@ -690,7 +696,7 @@ def install(settings: Settings, recipe: Recipe | str, builder: str, *,
             staging, items, warnings = _make_install_items(settings, recipe, builder, bm,
                                                            prefix, destdir, timeout)
         else:
-            items = _binary_items(recipe, out, bm, bindir, mode)
+            items = _binary_items(recipe, out, bm, root, bindir, mode)
         if not items:
             raise InstallError(f"the build of {recipe.name}/{builder} lists no binaries",
                                hint="check artifacts.binaries in the recipe and rebuild")
@@ -1202,14 +1208,12 @@ def find_search_dirs(qemu: Path, *, datadir_hint: str | None = None, probe: bool
 # install-bios
 def _find_installed_binary(settings: Settings, m: dict[str, Any] | None, root: Path,
                            recipe: Recipe) -> Path | None:
-    names = recipe.install.get("binary_names", {}) or {}
-    want = names.get(QEMU_NAME, QEMU_NAME)
+    cand = _binary_dest(recipe, root, root / (recipe.install.get("bindir") or "bin"), QEMU_NAME)
     if m:
         for e in m["files"]:
-            if e.get("name") == QEMU_NAME or os.path.basename(e["path"]) == want:
+            if e.get("name") == QEMU_NAME or os.path.basename(e["path"]) == cand.name:
                 if e.get("kind") == "binary" and os.path.exists(e["path"]):
                     return Path(e["path"])
-    cand = root / (recipe.install.get("bindir") or "bin") / want
     return cand if cand.exists() else None
 
 

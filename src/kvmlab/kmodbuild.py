@@ -4,9 +4,12 @@
 Steps (each a function; ``build_kmod`` runs them all):
 
 1. prepare (container, skipped when its stamp matches): extract the recipe's ``[kmod] dirs``
-   (arch/x86/kvm, virt/kvm) from the kernel source tarball inside the builder image into
-   ``work/<recipe>/kmod-src-<builder>/`` (pristine), check its sha256 and the headers, and record
-   facts about the target headers and the compiler (``kvmlab-facts.env``).
+   (arch/x86/kvm, virt/kvm) from the kernel source into ``work/<recipe>/kmod-src-<builder>/``
+   (pristine), check its sha256 and the headers, and record facts about the target headers and
+   the compiler (``kvmlab-facts.env``). The source is either a file inside the builder image
+   (``kmod.source = "image"``: Debian's /usr/src/linux-source-6.1.tar.xz) or fetched by
+   kvmlab.fetch (``kmod.source = "fetch"``: a kernel tarball URL + sha256, or an SRPM with
+   ``kmod.srpm_tarball``; ``--source PATH`` gives a local tarball or kernel tree).
 2. patch (host): copy the pristine tree to ``work/<recipe>/build-<builder>/`` and apply the
    builder's patch series (kvmlab.patch: ``FILE if=OPTION`` lines; ``debug-vmx``).
 3. compat (host): decide from the facts which compatibility items the target needs (see COMPAT
@@ -311,6 +314,7 @@ class KmodSpec:
     module_dir: str
     compat: str
     kcflags: tuple[str, ...]
+    srpm_tarball: str = ""
 
 
 def kmod_spec(recipe: Recipe) -> KmodSpec:
@@ -364,7 +368,7 @@ def kmod_spec(recipe: Recipe) -> KmodSpec:
         headers_package=table["headers_package"], headers=table["headers"],
         kernel_release=table["kernel_release"], dirs=tuple(table["dirs"]),
         module_dir=table["module_dir"], compat=table.get("compat", ""),
-        kcflags=tuple(table.get("kcflags", [])))
+        kcflags=tuple(table.get("kcflags", [])), srpm_tarball=table.get("srpm_tarball", ""))
 
 
 # ============================================================================================
@@ -509,17 +513,11 @@ def compat_plan(facts: dict[str, str], compat_src: Path | None, compat_dir: str)
 # building
 
 _EXIT_MEANING = {
-    3: "the kernel source tarball is not in the builder image",
+    3: "the kernel source is not in the builder container (image path or staged file)",
     4: "the kernel headers directory is not in the builder image",
     5: "the kernel source tarball's sha256 differs from the recipe's source.sha256",
     6: "the kernel source has no such directory",
 }
-
-
-def _sha(data: Any) -> str:
-    import hashlib
-    import json
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def _container_name(recipe: Recipe, builder: str, what: str) -> str:
@@ -538,7 +536,7 @@ def compat_source(settings: Settings, spec: KmodSpec) -> Path | None:
 
 
 def image_for(settings: Settings, recipe: Recipe, builder: str, *, offline: bool = False,
-              client: Any = None) -> Any:
+              client: Any = None, quiet: bool = False) -> Any:
     """The recipe's builder image (builders.<b>.image, e.g. debian12-kmod), built when missing."""
     from . import images
     name = recipe.builder(builder).image or builder
@@ -554,30 +552,53 @@ def image_for(settings: Settings, recipe: Recipe, builder: str, *, offline: bool
         return info
     if name.startswith("debian12"):   # FROM the local debootstrap base: make sure it exists
         images.ensure_base_image(settings, "debian12", client=client)
-    return images.ensure_image(settings, name, client=client)
+    return images.ensure_image(settings, name, client=client, quiet=quiet)
 
 
-def _check_source_kind(recipe: Recipe, spec: KmodSpec) -> None:
-    if spec.source != "image":
-        raise BuildError(f"recipe {recipe.name!r}: kmod.source = {spec.source!r} cannot be "
-                         "prepared by this version of kvmlab (only sources inside the builder "
-                         "image, kmod.source = \"image\")",
-                         hint="install the kernel source package in the builder image's "
-                              "Dockerfile and point source.urls at it (see kvm-kmod-6.1)")
+def fetch_kernel_source(settings: Settings, recipe: Recipe, spec: KmodSpec, *,
+                        source: str | Path | None = None, offline: bool = False) -> Any:
+    """kmod.source = "fetch" (or --source PATH): the kernel tarball/SRPM through kvmlab.fetch
+    (cache, sha256 pin or lock), or a local kernel tree. None for kmod.source = "image"."""
+    if spec.source == "image":
+        return None
+    from .fetch import fetch_source
+    return fetch_source(settings, recipe, source=source, offline=offline)
+
+
+def _extract_lines(spec: KmodSpec, strip: int, fetched: Any) -> list[str]:
+    """Shell lines extracting spec.dirs from "$S" into the current directory."""
+    q = shlex.quote
+    if fetched is not None and fetched.kind == "dir":       # a local tree: copy the dirs
+        return [f'mkdir -p {q(str(Path(d).parent))} && cp -a "$S"/{q(d)} {q(d)}'
+                for d in spec.dirs]
+    pats = " ".join(q("*/" + d) if strip else q(d) for d in spec.dirs)
+    tar = f"tar -x --wildcards --no-wildcards-match-slash --strip-components={strip} {pats}"
+    if spec.source_path.endswith(".src.rpm") or (fetched is not None and
+                                                  fetched.file.endswith(".src.rpm")):
+        if not spec.srpm_tarball:
+            raise RecipeError(f"the source is an SRPM: set [kmod] srpm_tarball to the kernel "
+                              "tarball inside it (e.g. linux-2.6.32-754.el6.tar.bz2)")
+        t = q(spec.srpm_tarball)
+        return [f'echo "+ rpm2cpio $S | cpio -i --to-stdout {t} | {tar}"',
+                f'rpm2cpio "$S" | cpio -i --quiet --to-stdout {t} > .kvmlab-kernel.tar',
+                f'[ -s .kvmlab-kernel.tar ] || {{ echo "kvmlab: no {t} in $S"; exit 6; }}',
+                f"{tar} -f .kvmlab-kernel.tar", "rm -f .kvmlab-kernel.tar"]
+    return ['echo "+ tar -xf $S (' + " ".join(spec.dirs) + ')"', f'{tar} -f "$S"']
 
 
 def prepare_source(settings: Settings, recipe: Recipe, spec: KmodSpec, builder: str, image: Any,
-                   client: Any, sink: Any, *, force: bool = False,
+                   client: Any, sink: Any, *, force: bool = False, fetched: Any = None,
                    timeout: float = 3600) -> tuple[Path, dict[str, str]]:
-    """Extract spec.dirs from the kernel source in the image to work/<recipe>/kmod-src-<builder>
-    (pristine; skipped when its stamp matches) and gather the facts. Returns (dir, facts)."""
+    """Extract spec.dirs from the kernel source (in the image, or fetched: kvmlab.fetch's
+    FetchResult) to work/<recipe>/kmod-src-<builder> (pristine; skipped when its stamp matches)
+    and gather the facts in the builder. Returns (dir, facts)."""
     from .build import _run_container
-    _check_source_kind(recipe, spec)
     wdir = settings.work(recipe.name)
     pristine = wdir / f"kmod-src-{builder}"
-    stamp = {"v": PREPARE_VERSION, "image_id": image.id, "source": spec.source_path,
-             "source_sha256": spec.source_sha256, "dirs": list(spec.dirs),
-             "headers": spec.headers}
+    src_sha = fetched.sha256 if fetched is not None else spec.source_sha256
+    stamp = {"v": PREPARE_VERSION, "image_id": image.id,
+             "source": spec.source_path if fetched is None else fetched.file,
+             "source_sha256": src_sha, "dirs": list(spec.dirs), "headers": spec.headers}
     if not force and read_json(pristine / PREPARED_STAMP, None) == stamp:
         return pristine, parse_facts((pristine / FACTS_FILE).read_text())
     wdir.mkdir(parents=True, exist_ok=True)
@@ -586,26 +607,52 @@ def prepare_source(settings: Settings, recipe: Recipe, spec: KmodSpec, builder: 
     tmp.mkdir()
     q = shlex.quote
     strip = recipe.source.strip_components
-    lines = ["set -e", f"S={q(spec.source_path)}", f"H={q(spec.headers)}",
-             '[ -f "$S" ] || { echo "kvmlab: $S: no such file in the image"; exit 3; }',
-             '[ -d "$H" ] || { echo "kvmlab: $H: no such directory in the image"; exit 4; }']
-    if recipe.source.pinned:
-        lines.append(f'echo "{spec.source_sha256}  $S" | sha256sum -c - || exit 5')
-    lines += [facts_script(spec, f"{tmp}/{FACTS_FILE}"),
-              f'echo "SOURCE_SHA256=$(sha256sum "$S" | cut -d" " -f1)" >> {q(str(tmp))}/'
-              f'{FACTS_FILE}',
-              f"cd {q(str(tmp))}",
-              'echo "+ tar -xf $S (' + " ".join(spec.dirs) + ')"',
-              "tar -xf \"$S\" --wildcards --no-wildcards-match-slash --strip-components=" +
-              f"{strip} " + " ".join(q("*/" + d) if strip else q(d) for d in spec.dirs)]
-    lines += [f'[ -d {q(d)} ] || {{ echo "kvmlab: no {d} in $S"; exit 6; }}' for d in spec.dirs]
-    ui.info(f"extracting {', '.join(spec.dirs)} from {spec.source_path} in {image.ref}")
+    staged: Path | None = None
     try:
+        if fetched is None:
+            spath = spec.source_path
+        elif fetched.kind == "dir":     # only the kvm dirs are needed: stage those
+            staged = wdir / ".kmod-source-tree"
+            shutil.rmtree(staged, ignore_errors=True)
+            for d in spec.dirs:
+                if not (Path(fetched.path) / d).is_dir():
+                    raise BuildError(f"--source {fetched.path} has no {d}/ (kmod.dirs)")
+                shutil.copytree(Path(fetched.path) / d, staged / d, symlinks=True)
+            spath = str(staged)
+        else:                           # the cached, verified file, visible in the container
+            staged = wdir / f".kmod-source-{fetched.file}"
+            staged.unlink(missing_ok=True)
+            try:
+                os.link(fetched.path, staged)
+            except OSError:
+                shutil.copy2(fetched.path, staged)
+            spath = str(staged)
+        check = "-d" if fetched is not None and fetched.kind == "dir" else "-f"
+        lines = ["set -e", f"S={q(spath)}", f"H={q(spec.headers)}",
+                 f'[ {check} "$S" ] || {{ echo "kvmlab: $S: not in the container"; exit 3; }}',
+                 '[ -d "$H" ] || { echo "kvmlab: $H: no such directory in the image"; exit 4; }']
+        if fetched is None and recipe.source.pinned:
+            lines.append(f'echo "{spec.source_sha256}  $S" | sha256sum -c - || exit 5')
+        lines.append(facts_script(spec, f"{tmp}/{FACTS_FILE}"))
+        if fetched is None:
+            lines.append(f'echo "SOURCE_SHA256=$(sha256sum "$S" | cut -d" " -f1)" >> '
+                         f'{q(str(tmp))}/{FACTS_FILE}')
+        lines += [f"cd {q(str(tmp))}", *_extract_lines(spec, strip, fetched)]
+        lines += [f'[ -d {q(d)} ] || {{ echo "kvmlab: no {d} in $S"; exit 6; }}'
+                  for d in spec.dirs]
+        ui.info(f"extracting {', '.join(spec.dirs)} from "
+                f"{spec.source_path if fetched is None else fetched.path} in {image.ref}")
         rc = _run_container(client, image.ref, wdir, "\n".join(lines), {"LC_ALL": "C"}, sink,
                             _container_name(recipe, builder, "prepare"), timeout)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if staged is not None:
+            if staged.is_dir():
+                shutil.rmtree(staged, ignore_errors=True)
+            else:
+                staged.unlink(missing_ok=True)
     if rc != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         sink.show_tail()
@@ -614,12 +661,16 @@ def prepare_source(settings: Settings, recipe: Recipe, spec: KmodSpec, builder: 
                          hint=f"log: {sink.path}; image {image.ref} (docker/"
                               f"{recipe.builder(builder).image or builder}/Dockerfile)")
     facts = parse_facts((tmp / FACTS_FILE).read_text())
+    if fetched is not None:
+        facts["SOURCE_SHA256"] = fetched.sha256
     problems = []
     if facts.get("UTS_RELEASE") != spec.kernel_release:
         problems.append(f"the headers are for {facts.get('UTS_RELEASE')!r}, the recipe says "
                         f"kmod.kernel_release = {spec.kernel_release!r}")
-    for key, what in (("HEADERS_PACKAGE_VERSION", spec.headers_package),
-                      ("SOURCE_PACKAGE_VERSION", spec.source_package)):
+    pkgs = [("HEADERS_PACKAGE_VERSION", spec.headers_package)]
+    if fetched is None:   # the source is a package in the image too: same version
+        pkgs.append(("SOURCE_PACKAGE_VERSION", spec.source_package))
+    for key, what in pkgs:
         if spec.package_version and what and facts.get(key) != spec.package_version:
             problems.append(f"{what} in the image is {facts.get(key) or 'not installed'!r}, the "
                             f"recipe says kmod.package_version = {spec.package_version!r}")
@@ -651,12 +702,20 @@ def _expand(flags: Iterable[str], tree: Path) -> list[str]:
     return [f.replace("{src}", str(tree)) for f in flags]
 
 
+def prefix_map_flags(facts: dict[str, str], tree: Path) -> list[str]:
+    """Keep the build directory out of the modules (__FILE__ in WARN_ON/BUG_ON, the assembler's
+    debug info of vmenter.S), so the same source gives bit-identical .ko files wherever it is
+    built: -ffile-prefix-map (gcc >= 8), else -fdebug-prefix-map (gcc >= 4.3)."""
+    opt = "-ffile-prefix-map" if _gcc_major(facts) >= 8 else "-fdebug-prefix-map"
+    return [f"{opt}={tree}/="]
+
+
 def build_kmod(settings: Settings, recipe: Recipe | str, builder: str, *, jobs: int = 2,
                force: bool = False, source: str | Path | None = None, offline: bool = False,
                quiet: bool = False, timeout: float | None = None) -> Any:
     """Build a kind = "kmod" recipe: returns kvmlab.build.BuildResult(out_dir, manifest, noop)."""
     from . import images
-    from .build import (BuildResult, _LogSink, _run_container, build_dir,
+    from .build import (BuildResult, _LogSink, _run_container, _sha, build_dir,
                         log_path, sigterm_as_interrupt, CCACHE_DIR, CONTAINER_PATH,
                         DEFAULT_TIMEOUT)
     from .patch import apply_series, read_series
@@ -664,20 +723,20 @@ def build_kmod(settings: Settings, recipe: Recipe | str, builder: str, *, jobs: 
     if isinstance(recipe, str):
         recipe = load_recipe(settings.recipes_dir, recipe)
     spec = kmod_spec(recipe)
-    bcfg = recipe.builder(builder)
+    recipe.builder(builder)  # RecipeError for an unknown builder
     if builder == "native":
         raise BuildError("kmod recipes build in their builder image, not with --builder native",
                          hint=f"use --builder {next(iter(recipe.builders), 'debian12')}")
-    if source:
-        raise BuildError("--source is not supported for kmod recipes (the kernel source comes "
-                         "from the builder image)")
+    if source and spec.source == "image":
+        raise BuildError(f"--source does not apply to {recipe.name}: its kernel source is inside "
+                         "the builder image (kmod.source = \"image\")")
     if jobs < 1:
         raise BuildError(f"--jobs must be at least 1, got {jobs}")
-    _check_source_kind(recipe, spec)
     entries = read_series(settings.patches_dir, recipe, builder)
     csrc = compat_source(settings, spec)
+    fetched = fetch_kernel_source(settings, recipe, spec, source=source, offline=offline)
     client = images.docker_client()
-    image = image_for(settings, recipe, builder, offline=offline, client=client)
+    image = image_for(settings, recipe, builder, offline=offline, client=client, quiet=quiet)
     out = settings.out(recipe.name, builder)
     bdir = build_dir(settings, recipe.name, builder)
     if re.search(r"\s", str(bdir)):
@@ -685,12 +744,13 @@ def build_kmod(settings: Settings, recipe: Recipe | str, builder: str, *, jobs: 
                          "carry", hint="set KVMLAB_STATE_DIR to a path without spaces")
     patches = [e.record() for e in entries if e.active]
     inputs = {"recipe_sha256": recipe.sha256, "image_id": image.id, "builder": builder,
+              "source_sha256": fetched.sha256 if fetched is not None else spec.source_sha256,
               "patches": patches, "compat": tree_sha256(csrc) if csrc else None,
               "options": {k: recipe.options[k] for k in sorted(recipe.options)}}
     inputs_sha = _sha(inputs)
     recorded = read_json(out / MANIFEST, None)
     if not force and recorded and recorded.get("inputs_sha256") == inputs_sha \
-            and _outputs_intact(out, recorded):
+            and modules_intact(out, recorded):
         ui.info(f"[cyan]no-op[/cyan]: {recipe.name} ({builder}) is up to date; modules in {out}")
         return BuildResult(out, recorded, True)
 
@@ -702,7 +762,7 @@ def build_kmod(settings: Settings, recipe: Recipe | str, builder: str, *, jobs: 
     try:
         with sigterm_as_interrupt():
             pristine, facts = prepare_source(settings, recipe, spec, builder, image, client, sink,
-                                             force=force, timeout=timeout)
+                                             force=force, fetched=fetched, timeout=timeout)
             t_prep = time.monotonic() - t0
             # fresh build tree: pristine copy + series + compat files + Kbuild wrapper
             tmp: Path | None = bdir.with_name(f".{bdir.name}.tmp")
@@ -717,7 +777,8 @@ def build_kmod(settings: Settings, recipe: Recipe | str, builder: str, *, jobs: 
                 p = tmp / COMPAT_DIR / rel
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.write_text(text)
-            kcflags = _expand(spec.kcflags, bdir) + list(plan.kcflags)
+            kcflags = _expand(spec.kcflags, bdir) + list(plan.kcflags) + \
+                prefix_map_flags(facts, bdir)
             for f in kcflags:   # directories named in kcflags (include/trace) must exist
                 if f.startswith(str(bdir) + "/") and "=" not in f:
                     (tmp / Path(f).relative_to(bdir)).mkdir(parents=True, exist_ok=True)
@@ -728,14 +789,15 @@ def build_kmod(settings: Settings, recipe: Recipe | str, builder: str, *, jobs: 
             replace_dir(tmp, bdir)
             tmp = None
             make = ["make", "-C", spec.headers, f"M={bdir / spec.module_dir}", f"-j{jobs}",
-                    "KCFLAGS=" + " ".join(kcflags), "modules"]
+                    "KCFLAGS=" + " ".join(kcflags),
+                    "KAFLAGS=" + " ".join(prefix_map_flags(facts, bdir)), "modules"]
             script = "\n".join([
                 "set -e",
                 "gcc --version 2>/dev/null | head -n 1 > .kvmlab-compiler || true",
                 "echo " + shlex.quote("+ " + " ".join(shlex.quote(a) for a in make)),
                 " ".join(shlex.quote(a) for a in make)])
             env = {"CCACHE_DIR": CCACHE_DIR, "PATH": CONTAINER_PATH, "HOME": "/tmp",
-                   "LC_ALL": "C", "CCACHE_BASEDIR": str(bdir)}
+                   "LC_ALL": "C"}   # no CCACHE_BASEDIR: it would rewrite paths to relative
             if plan.items:
                 ui.info("compat for this target: " + ", ".join(plan.items))
             ui.info(f"building {recipe.name} with {builder} ({image.ref}) in {bdir}; log: {log}")
@@ -755,7 +817,9 @@ def build_kmod(settings: Settings, recipe: Recipe | str, builder: str, *, jobs: 
                 "source_sha256": facts.get("SOURCE_SHA256") or spec.source_sha256,
                 "source": {"package": spec.source_package,
                            "version": facts.get("SOURCE_PACKAGE_VERSION", ""),
-                           "path": spec.source_path, "dirs": list(spec.dirs)},
+                           "path": spec.source_path if fetched is None else str(fetched.path),
+                           "origin": "image" if fetched is None else fetched.origin,
+                           "dirs": list(spec.dirs)},
                 "headers": {"package": spec.headers_package,
                             "version": facts.get("HEADERS_PACKAGE_VERSION", ""),
                             "dir": spec.headers, "release": facts.get("UTS_RELEASE", "")},
@@ -781,12 +845,13 @@ def build_kmod(settings: Settings, recipe: Recipe | str, builder: str, *, jobs: 
     return BuildResult(out, manifest, False)
 
 
-def _outputs_intact(out: Path, manifest: dict) -> bool:
+def modules_intact(out: Path, manifest: dict) -> bool:
+    """Every module the manifest lists is in out/ with its recorded size and sha256."""
     try:
-        arts = manifest.get("artifacts") or []
-        return bool(arts) and all(
-            (out / a["path"]).is_file() and (out / a["path"]).stat().st_size == a["size"]
-            and sha256_file(out / a["path"]) == a["sha256"] for a in arts)
+        arts = manifest["artifacts"]
+        return bool(arts) and all((out / a["path"]).is_file() and
+                                  (out / a["path"]).stat().st_size == a["size"] and
+                                  sha256_file(out / a["path"]) == a["sha256"] for a in arts)
     except (OSError, KeyError, TypeError):
         return False
 

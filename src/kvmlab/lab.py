@@ -125,7 +125,6 @@ def _installed_files(manifest_path: Path) -> dict[str, str]:
 def _install(c: _Ctx) -> StepOutcome:
     from . import install
     r = install.install(c.s, c.recipe, c.o.builder, prefix=c.o.prefix, destdir=c.o.destdir)
-    c.qemu = Path(r.root) / c.recipe.install.get("bindir", "bin") / "qemu-system-x86_64"
     return StepOutcome("install", "no-op" if r.noop else "ok",
                        figure=f"{len(r.rows)} file(s) under {r.root}",
                        record={"manifest": str(r.manifest_path), "root": str(r.root)})
@@ -166,18 +165,23 @@ def _doctor(c: _Ctx) -> StepOutcome:
 
 def _create_image(c: _Ctx) -> StepOutcome:
     from . import image
+    try:
+        near = _boot_qemu(c)
+    except LabError:
+        near = None
+    qemu_img = image.find_qemu_img(c.s, near=near)  # the qemu-img that goes with the boot qemu
     if c.disk.exists():
-        info = image.image_info(c.disk)
+        info = image.image_info(c.disk, qemu_img)
         want = image.parse_size(c.o.disk_size)
         if info.format == "qcow2" and info.virtual_size == want:
             return StepOutcome("create-image", "no-op", figure=f"{c.disk} ({c.o.disk_size})",
                                record={"format": info.format, "virtual_size": info.virtual_size})
         raise LabError(f"{c.disk} exists but is {info.format}, {info.virtual_size} bytes",
-                       hint="remove it or pass --force")
+                       hint="remove it (lab never overwrites a disk image)")
     c.disk.parent.mkdir(parents=True, exist_ok=True)
-    r = image.create_image(c.disk, c.o.disk_size, "qcow2", settings=c.s)
+    r = image.create_image(c.disk, c.o.disk_size, "qcow2", qemu_img=qemu_img, settings=c.s)
     return StepOutcome("create-image", "ok", figure=f"{c.disk} ({c.o.disk_size})",
-                       record={"format": r.info.format, "virtual_size": r.info.virtual_size})
+                       record={"format": r.format, "virtual_size": r.virtual_size})
 
 
 def _guest(c: _Ctx) -> StepOutcome:
@@ -301,8 +305,6 @@ def run_lab(settings: Settings, opts: LabOptions, *, resume: bool = False,
             c.records[step] = done[step]["record"]
             outcomes.append(StepOutcome(step, "no-op", figure="done before --resume",
                                         record=done[step]["record"]))
-            if step == "install":
-                c.qemu = Path(done[step]["record"]["root"]) / "bin" / "qemu-system-x86_64"
             continue
         ih = _inputs_hash(c, step) if step in CACHED_STEPS and not opts.force else None
         prev = cached.get(step)

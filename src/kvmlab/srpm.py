@@ -18,10 +18,12 @@ order of declaration), and the RHEL 6 kernel-style ``ApplyPatch FILE [ARGS]`` sh
 with ``%define``/``%global``/``%bcond_with[out]`` are expanded, ``%if``/``%ifarch`` blocks are
 evaluated (arch x86_64), shell substitutions ``%(...)`` are never run (they expand to nothing).
 
-Fuzz: ``%patch`` uses rpm's ``%_default_patch_fuzz``, which is 0 since rpm 4.6 and so on RHEL 6
-(rpm 4.8); a spec may override it (``%global _default_patch_fuzz 2``). ``ApplyPatch`` uses the
-fuzz of the spec's patch_command (qemu-kvm's RHEL 6 spec: ``patch -p1 -F1 -s``, i.e. fuzz 1);
-without such a line ``-p1 -F1`` (the RHEL 6 kernel spec's value) is assumed.
+Levels: the spec's own ``-pN``; without one, no ``-p`` is passed (as rpm does; patch(1) then uses
+the bare file name). Fuzz: ``%patch`` uses rpm's ``%_default_patch_fuzz``, which is 0 since rpm
+4.6 and so on RHEL 6 (rpm 4.8); a spec may override it (``%global _default_patch_fuzz 2``).
+``ApplyPatch`` uses the levels of the spec's own patch_command (qemu-kvm's RHEL 6 spec:
+``patch -p1 -F1 -s``, i.e. fuzz 1, though it applies its Patch lines with ``%patchN``); without
+such a line ``-p1 -F1`` (the RHEL 6 kernel spec's value) is assumed.
 
 Other %prep shell lines are not executed (they are reported as ``ignored``): kvmlab never runs a
 downloaded spec's shell code. Only the patch steps are reproduced, with the spec's levels.
@@ -69,7 +71,8 @@ TAG_NAME, TAG_VERSION, TAG_RELEASE = 1000, 1001, 1002
 TAG_SOURCEPACKAGE = 1106
 TAG_PAYLOADFORMAT, TAG_PAYLOADCOMPRESSOR = 1124, 1125
 # header data types
-T_NULL, T_CHAR, T_INT8, T_INT16, T_INT32, T_INT64, T_STRING, T_BIN, T_STRING_ARRAY, T_I18N = range(10)
+(T_NULL, T_CHAR, T_INT8, T_INT16, T_INT32, T_INT64, T_STRING, T_BIN, T_STRING_ARRAY,
+ T_I18N) = range(10)
 _INT_FMT = {T_CHAR: ("B", 1), T_INT8: ("B", 1), T_INT16: (">H", 2), T_INT32: (">I", 4),
             T_INT64: (">Q", 8)}
 
@@ -100,7 +103,8 @@ def is_srpm(path: Path) -> bool:
             lead = f.read(LEAD_SIZE)
     except OSError:
         return False
-    return len(lead) == LEAD_SIZE and lead[:4] == LEAD_MAGIC and struct.unpack(">H", lead[6:8])[0] == 1
+    return (len(lead) == LEAD_SIZE and lead[:4] == LEAD_MAGIC
+            and struct.unpack(">H", lead[6:8])[0] == 1)
 
 
 def _read_exact(f: IO[bytes], n: int, what: str, label: str) -> bytes:
@@ -205,6 +209,8 @@ def _payload(info: RpmInfo) -> Iterator[IO[bytes]]:
             raise _NoDecompressor(comp)
         yield stream
         if proc is not None:
+            while proc.stdout.read(1 << 16):  # type: ignore[union-attr]
+                pass  # the padding after the cpio trailer
             proc.stdout.close()  # type: ignore[union-attr]
             if proc.wait(timeout=TOOL_TIMEOUT) != 0:
                 raise SrpmError(f"{info.path.name}: zstd -dc failed on the payload")
@@ -268,10 +274,11 @@ def extract_cpio(stream: IO[bytes], dest: Path, label: str = "cpio") -> list[str
             raise SrpmError(f"{label}: not a newc cpio archive (magic {hdr[:6]!r})",
                             hint="only the 'newc' cpio format (rpm's) is supported")
         try:
-            ino, mode, _uid, _gid, nlink, _mtime, size, dmaj, _dmin, _rmaj, _rmin, namesize, _chk = (
-                int(hdr[6 + 8 * i:14 + 8 * i], 16) for i in range(13))
+            fields = [int(hdr[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
         except ValueError:
             raise SrpmError(f"{label}: corrupt cpio header") from None
+        ino, mode, nlink, size, dmaj, namesize = (fields[0], fields[1], fields[4], fields[6],
+                                                  fields[7], fields[11])
         raw = read(namesize, "name")
         read((4 - (CPIO_HEADER + namesize) % 4) % 4, "padding")
         name = raw.rstrip(b"\0").decode("utf-8", "surrogateescape")
@@ -359,6 +366,8 @@ def _extract_with_rpm2cpio(path: Path, dest: Path, compressor: str) -> list[str]
                             stdin=subprocess.DEVNULL)
     try:
         names = extract_cpio(proc.stdout, dest, path.name)  # type: ignore[arg-type]
+        while proc.stdout.read(1 << 16):  # type: ignore[union-attr]
+            pass  # cpio pads its archive after the trailer: let rpm2cpio write all of it
         proc.stdout.close()  # type: ignore[union-attr]
         err = proc.stderr.read().decode(errors="replace")  # type: ignore[union-attr]
         if proc.wait(timeout=TOOL_TIMEOUT) != 0:
@@ -377,7 +386,7 @@ class PrepStep:
     """One patch application of %prep, in order."""
     number: int | None     # PatchN, or None for ApplyPatch FILE
     file: str              # file name in the source RPM
-    strip: int             # patch -pN
+    strip: int | None      # patch -pN; None: no -p given (patch(1)'s own default, like rpm)
     fuzz: int              # patch -F N
     args: tuple[str, ...]  # further patch(1) options (-R, -E, -d DIR)
     line: int              # spec line of the directive
@@ -393,7 +402,7 @@ class SpecInfo:
     sources: dict[int, str]
     patches: dict[int, str]           # number -> file name (basename of the Patch line)
     patch_order: list[int]            # declaration order
-    setup: dict[str, Any]             # {"dir": ..., "create": bool, "no_source": bool, "after": [N]}
+    setup: dict[str, Any]             # {"dir", "create", "no_source", "after": [N]}
     prep: list[PrepStep]
     ignored: list[str]                # %prep shell lines not reproduced
     configure: list[str]              # the %build configure command line (expanded, split)
@@ -566,7 +575,8 @@ def _eval_condition(expr: str, where: str) -> bool:
         return truth(v)
     except (ValueError, IndexError) as e:
         raise SrpmError(f"{where}: cannot evaluate %if {expr!r}: {e}",
-                        hint="kvmlab evaluates simple integer/string %if expressions only") from None
+                        hint="kvmlab evaluates simple integer/string %if expressions only") \
+            from None
 
 
 _SECTIONS = ("%prep", "%build", "%install", "%check", "%clean", "%files", "%changelog",
@@ -777,8 +787,8 @@ def _prep_line(mac: _Macros, s: str, no: int, where: str, patches: dict[int, str
         if num not in patches:
             raise SrpmError(f"{where}: {e.strip()!r} refers to Patch{num}, which no Patch{num}: "
                             "line declares", hint="the spec is inconsistent")
-        prep.append(PrepStep(num, patches[num], 0 if strip is None else strip,
-                             fuzz_default if fuzz is None else fuzz, tuple(extra), no, e.strip()))
+        prep.append(PrepStep(num, patches[num], strip, fuzz_default if fuzz is None else fuzz,
+                             tuple(extra), no, e.strip()))
 
     if head in ("%setup", "%autosetup"):
         opts = words[1:]
@@ -810,7 +820,7 @@ def _prep_line(mac: _Macros, s: str, no: int, where: str, patches: dict[int, str
             i += 1
         if head == "%autosetup" and not setup.get("no_patches"):
             for num in order:
-                add(num, autop if autop is not None else 0, None, [])
+                add(num, autop, None, [])
         return
     if head == "%autopatch":
         nums, strip, fuzz, extra, pos = _patch_opts(
@@ -823,7 +833,7 @@ def _prep_line(mac: _Macros, s: str, no: int, where: str, patches: dict[int, str
                 hi = int(w[2:] or words[k + 2])
         wanted = pos or [n for n in order if (lo is None or n >= lo) and (hi is None or n <= hi)]
         for num in wanted:
-            add(num, strip if strip is not None else 0, fuzz, extra)
+            add(num, strip, fuzz, extra)
         return
     m = re.match(r"^%patch(\d*)$", head)
     if m:
@@ -903,8 +913,8 @@ def apply_step(tree: Path, sources: Path, step: PrepStep) -> dict[str, Any] | No
                         hint="the source RPM is incomplete or the spec is wrong; get a complete "
                              "source RPM")
     data = _decompressed(path)
-    cmd = ["patch", f"-p{step.strip}", f"-F{step.fuzz}", "-f", "-s", "--no-backup-if-mismatch",
-           "-r", "-", *step.args]
+    levels = ([f"-p{step.strip}"] if step.strip is not None else []) + [f"-F{step.fuzz}"]
+    cmd = ["patch", *levels, "-f", "-s", "--no-backup-if-mismatch", "-r", "-", *step.args]
     if data is None:
         cmd += ["-i", str(path)]
     try:
@@ -918,7 +928,7 @@ def apply_step(tree: Path, sources: Path, step: PrepStep) -> dict[str, Any] | No
         raise SrpmError(f"{what}: patch did not finish in {PATCH_TIMEOUT}s") from None
     if proc.returncode != 0:
         out = (proc.stdout + proc.stderr).decode(errors="replace")
-        raise SrpmError(f"{what} does not apply with -p{step.strip} -F{step.fuzz} (spec line "
+        raise SrpmError(f"{what} does not apply with {' '.join(levels)} (spec line "
                         f"{step.line}): {_fail_detail(out)}",
                         hint="the spec's own patches must apply as rpmbuild would apply them; "
                              "the source RPM may be damaged or not match its spec")
@@ -929,8 +939,9 @@ def apply_step(tree: Path, sources: Path, step: PrepStep) -> dict[str, Any] | No
 def find_spec(sources: Path, label: str) -> Path:
     specs = sorted(p for p in sources.iterdir() if p.suffix == ".spec" and p.is_file())
     if len(specs) != 1:
+        names = f" ({', '.join(p.name for p in specs)})" if specs else ""
         raise SrpmError(f"{label}: expected exactly one .spec file in the source RPM, found "
-                        f"{len(specs)}" + (f" ({', '.join(p.name for p in specs)})" if specs else ""))
+                        f"{len(specs)}{names}")
     return specs[0]
 
 

@@ -90,6 +90,10 @@ def extract(path: Path, kind: str, tree: Path, strip: int = 1) -> None:
 
     Callers extract into a temp dir next to the final place and rename it there when done."""
     if kind != "dir":
+        from .srpm import is_srpm, unpack_srpm
+        if is_srpm(path):  # source format "srpm": Source0 + the spec's %prep patches
+            unpack_srpm(path, tree)
+            return None
         return extract_tar(path, tree, strip)
     try:
         shutil.copytree(path, tree, symlinks=True)

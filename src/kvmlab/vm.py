@@ -357,14 +357,20 @@ class BootResult:
 # Helpers
 # --------------------------------------------------------------------------------------------
 
+_kvm_probe: Any = None
+
+
 def choose_accel(accel: str) -> tuple[str, str]:
     """(accel to ask for, why). auto: KVM only when the host probe says it really works."""
     if accel not in ACCELS:
         raise VMError(f"unknown accelerator {accel!r}", hint="use auto, kvm or tcg")
     if accel == "tcg":
         return "tcg", "--accel tcg"
-    from .host import probe_kvm  # lazily: tcg runs need no probe
-    probe = probe_kvm(timeout=10)
+    global _kvm_probe
+    if _kvm_probe is None:  # once per process: `boot-test` boots two guests in a row
+        from .host import probe_kvm  # lazily: tcg runs need no probe
+        _kvm_probe = probe_kvm(timeout=10)
+    probe = _kvm_probe
     if accel == "kvm":
         # Refuse up front when the probe (which runs a real guest on /dev/kvm) says KVM cannot
         # run unmodified guests: on such hosts qemu reports "kvm enabled" and then hangs or
@@ -560,7 +566,6 @@ def _boot_test(settings: Settings, *, qemu: str | Path | None, accel: str, guest
     nonce = guest_mod.new_nonce()
     runs = settings.state_dir / "vm" / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    _prune_runs(runs)
     run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{kind}-{nonce[:6]}"
     run_dir = runs / run_id
     run_dir.mkdir()
@@ -633,6 +638,7 @@ def _boot_test(settings: Settings, *, qemu: str | Path | None, accel: str, guest
                 (run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
             except OSError:
                 pass
+        _prune_runs(runs)  # after the boot: deleting old disks/ISOs is not the VM's time
     return result
 
 

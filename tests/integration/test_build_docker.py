@@ -270,3 +270,16 @@ def test_base_image_is_the_hosts_mirror_trimmed(debian12_image, docker_client, k
     assert rest.split()[-1] == "bookworm"
     again = images.ensure_image(kvmlab_env, "debian12", client=docker_client)
     assert again.noop and again.id == debian12_image.id
+
+
+def test_recipe_builder_image_selects_the_docker_dir(fake_env, monkeypatch):
+    """builders.<name>.image picks docker/<image>/ (e.g. the el6 recipe's debian12-el6)."""
+    from kvmlab import build
+    from kvmlab.errors import DockerError
+    s = fake_env()
+    p = s.recipes_dir / "fake-qemu.toml"
+    p.write_text(p.read_text().replace('[builders.debian12]\n',
+                                       '[builders.debian12]\nimage = "no-such-image-dir"\n', 1))
+    with pytest.raises(DockerError) as e:
+        build.build(s, _recipe(s), "debian12", quiet=True)
+    assert "no Dockerfile for builder 'no-such-image-dir'" in e.value.message

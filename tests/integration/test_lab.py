@@ -60,7 +60,7 @@ def test_lab_end_to_end_then_noop_check_and_corruption(lab_env, cli):
     assert v.returncode == 0, v.stdout[-3000:] + v.stderr[-2000:]
 
     # second run: every step is a no-op (or skipped)
-    r2 = cli(*lab_args(lab_env))
+    r2 = cli(*lab_args(lab_env, "--no-verify"))
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-2000:]
     state = json.loads((lab_env["state"] / "lab" / "state.json").read_text())
     assert state["failed"] is None

@@ -99,7 +99,7 @@ def test_guest_without_marker_times_out_and_is_killed(kvmlab_env, cli, tmp_path)
     init = tmp_path / "init"
     init.write_text(SLEEPING_INIT)
     p = cli("boot-test", "--qemu", QEMU, "--accel", "tcg", "--guest", "linux", "--init", str(init),
-            "--timeout", "25", "--no-verify", timeout=300)
+            "--timeout", "15", "--no-verify", timeout=300)
     assert p.returncode != 0, p.stdout + p.stderr
     assert "did not boot" in p.stderr and "timeout" in p.stderr
     last = json.loads((kvmlab_env.state_dir / "vm" / "last-boot.json").read_text())[0]

@@ -31,8 +31,9 @@ def _header(entries: list[tuple[int, int, object]]) -> bytes:
         elif typ == T_STRING:
             off, data, count = len(store), str(value).encode() + b"\0", 1
         elif typ == T_STRING_ARRAY:
-            off, data = len(store), b"".join(str(v).encode() + b"\0" for v in value)  # type: ignore[union-attr]
-            count = len(value)  # type: ignore[arg-type]
+            items = list(value)  # type: ignore[call-overload]
+            data = b"".join(str(v).encode() + b"\0" for v in items)
+            off, count = len(store), len(items)
         else:
             off, data, count = len(store), bytes(value), len(bytes(value))  # type: ignore[arg-type]
         store += data
@@ -80,17 +81,20 @@ def write_rpm(path: Path, *, name: str, version: str, release: str,
     lead = struct.pack(">4sBBhh66shh16s", b"\xed\xab\xee\xdb", 3, 0, 1 if source else 0, 1,
                        f"{name}-{version}-{release}".encode()[:65], 1, 5, b"")
     assert len(lead) == 96
-    payload = compress(cpio_newc(members), compressor)
-    sig = _header([(1000, T_INT32, len(payload))])  # RPMSIGTAG_SIZE (informative here)
-    sig += b"\0" * (-len(sig) % 8)
+    archive = cpio_newc(members)
+    payload = compress(archive, compressor)
     hdr_entries: list[tuple[int, int, object]] = [
         (1000, T_STRING, name), (1001, T_STRING, version), (1002, T_STRING, release),
         (1124, T_STRING, "cpio"), (1125, T_STRING, compressor),
         (1117, T_STRING_ARRAY, [m[0] for m in members]),
+        (1046, T_INT32, len(archive)),  # RPMTAG_ARCHIVESIZE: rpm2cpio checks what it copied
     ]
     if source:
         hdr_entries.append((1106, T_INT32, 1))  # RPMTAG_SOURCEPACKAGE
-    path.write_bytes(lead + sig + _header(hdr_entries) + payload)
+    header = _header(hdr_entries)
+    sig = _header([(1000, T_INT32, len(header) + len(payload))])  # RPMSIGTAG_SIZE
+    sig += b"\0" * (-len(sig) % 8)
+    path.write_bytes(lead + sig + header + payload)
     return path
 
 

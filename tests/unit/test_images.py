@@ -250,3 +250,13 @@ def test_hadolint_style_checks_when_available():
 def test_vsyscall_detection():
     assert images.host_has_vsyscall("ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0  [vsyscall]\n")
     assert not images.host_has_vsyscall("7ffd1000-7ffd3000 r-xp 00000000 00:00 0  [vdso]\n")
+
+
+def test_local_base_is_recognised_from_the_dockerfile(tmp_path):
+    f = tmp_path / "Dockerfile"
+    f.write_text("ARG BASE=kvmlab/base-debian12:latest\nFROM ${BASE}\n")
+    assert images.local_base_name(f) == "debian12"
+    f.write_text("ARG BASE=centos:6\nFROM ${BASE}\n")
+    assert images.local_base_name(f) is None
+    assert images.local_base_name(DOCKER / "debian12" / "Dockerfile") == "debian12"
+    assert images.local_base_name(DOCKER / "centos6" / "Dockerfile") is None

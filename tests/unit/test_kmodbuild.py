@@ -349,9 +349,20 @@ def test_kmod_table_errors_name_the_key(tmp_path):
         kmodbuild.kmod_spec(parse_recipe(bad))
 
 
-def test_el6_recipe_refuses_clearly_before_touching_docker(kvmlab_env, monkeypatch):
+def test_el6_recipe_stops_at_fetch_before_touching_docker(kvmlab_env, monkeypatch):
+    # offline: no traffic to the CentOS vault from tests; the SRPM is not cached here
+    from kvmlab.errors import FetchError
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
-    with pytest.raises(BuildError, match="kmod.source = 'fetch'"):
-        kmodbuild.build_kmod(kvmlab_env, "kvm-kmod-2.6.32-el6", "centos6")
+    with pytest.raises(FetchError, match="offline"):
+        kmodbuild.build_kmod(kvmlab_env, "kvm-kmod-2.6.32-el6", "centos6", offline=True)
     with pytest.raises(BuildError, match="native"):
         kmodbuild.build_kmod(kvmlab_env, "kvm-kmod-6.1", "native")
+    with pytest.raises(BuildError, match="--source does not apply"):
+        kmodbuild.build_kmod(kvmlab_env, "kvm-kmod-6.1", "debian12", source="/tmp")
+
+
+def test_extract_lines_for_tarball_tree_and_srpm():
+    spec = kmodbuild.kmod_spec(load_recipe(REPO / "recipes", "kvm-kmod-2.6.32-el6"))
+    srpm = " ".join(kmodbuild._extract_lines(spec, 1, None))
+    assert "rpm2cpio \"$S\" | cpio -i --quiet --to-stdout linux-2.6.32-754.el6.tar.bz2" in srpm
+    assert "--strip-components=1 '*/arch/x86/kvm' '*/virt/kvm' -f .kvmlab-kernel.tar" in srpm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import stat
+import sys
 
 import pytest
 
@@ -233,7 +234,8 @@ Patch1: 0003-b.patch
     ("sub/../../evil.txt", stat.S_IFREG)])
 def test_hostile_cpio_paths_are_refused(tmp_path, member, kind):
     rpm = write_rpm(tmp_path / "evil.src.rpm", name="evil", version="1", release="1",
-                    members=[("ok.txt", "fine", stat.S_IFREG | 0o644), (member, "pwned", kind | 0o644)])
+                    members=[("ok.txt", "fine", stat.S_IFREG | 0o644),
+                             (member, "pwned", kind | 0o644)])
     box = tmp_path / "box"
     box.mkdir()
     with pytest.raises(SrpmError, match="refusing cpio member"):
@@ -319,3 +321,32 @@ def test_shell_substitutions_are_never_run(tmp_path):
     spec = parse_spec(f"Name: %(touch {marker})x\nVersion: 1\n%prep\n%(touch {marker})\n")
     assert not marker.exists()
     assert spec.name == "x"
+
+
+def test_rpm2cpio_fallback_when_python_cannot_decompress(tmp_path, monkeypatch):
+    """zstd payload, no zstandard module and no zstd program: rpm2cpio does the decompressing."""
+    rpm2cpio = shutil.which("rpm2cpio")
+    if not rpm2cpio or not shutil.which("zstd"):
+        pytest.skip("needs rpm2cpio and zstd (to write the payload) installed")
+    rpm = _srpm(tmp_path, compressor="zstd")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "rpm2cpio").symlink_to(rpm2cpio)
+    monkeypatch.setenv("PATH", str(bindir))       # no zstd program any more
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # and no Python module
+    _, names = extract_rpm(rpm, tmp_path / "x")
+    assert "p10.patch" in names and (tmp_path / "x/p10.patch").read_text() == P10
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(SrpmError, match="neither Python nor an installed tool"):
+        extract_rpm(rpm, tmp_path / "y")
+
+
+def test_patch_without_p_gets_no_p_option_like_rpm(tmp_path):
+    """rpm passes no -p when the spec gives none; patch(1) then uses the bare file name."""
+    spec = SPEC.replace("%patch2 -p1\n", "%patch2\n")
+    p2 = P2.replace("a/a.txt", "deep/dir/a.txt").replace("b/a.txt", "deep/dir/a.txt")
+    res = unpack_srpm(_srpm(tmp_path, spec=spec, patches={"0001-one.patch": P1,
+                                                          "0002-two.patch": p2,
+                                                          "p10.patch": P10}), tmp_path / "src")
+    assert res.applied[0]["strip"] is None
+    assert (tmp_path / "src/a.txt").read_text() == "alpha\nBETA\n"

@@ -66,7 +66,9 @@ def _read_init(path: str) -> str | None:
 @task(help={"qemu": "qemu-system-x86_64 to boot with (default: installed build, else PATH)",
             "accel": "auto (KVM if the host probe says it works, else TCG), kvm or tcg",
             "guest": "tiny, linux or iso (default: tiny then linux)",
-            "iso": "boot this installer ISO to its boot loader instead of a test guest",
+            "iso": "boot this installer ISO (e.g. CentOS 6.10 minimal) to its boot loader: passes "
+                   "when a loader banner shows on serial or the El Torito boot image is in guest "
+                   "memory at its load address (monitor `xp`); a screendump is kept",
             "kernel": "kernel for the linux/iso guest",
             "disk": "disk image to attach (default: a fresh 1G qcow2 per run)",
             "timeout": "seconds to wait for the marker (default: per guest)",

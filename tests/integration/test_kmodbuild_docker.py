@@ -171,3 +171,71 @@ def test_compat_header_in_the_builder_against_the_real_kconfig_h(kmod_state, bui
         (work / "with-kconfig-and-compat.txt").read_text()
     assert "#define IS_ENABLED(" in (work / "with-kconfig.txt").read_text()
     assert (work / "kconfig.o").is_file() and (work / "compat.o").is_file()
+
+
+def test_fetched_kernel_tarball_gives_the_same_modules(kmod_state, built):
+    """kmod.source = "fetch": a kernel tarball (file:// URL + sha256, through kvmlab.fetch) built
+    in another state dir gives bit-identical modules (no build-dir paths in the .ko files)."""
+    import hashlib
+    import tarfile
+    s, base = kmod_state
+    pristine = s.work(RECIPE) / "kmod-src-debian12"
+    tarball = base / "linux-6.1-kvm.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tf:
+        for d in ("arch", "virt"):
+            tf.add(pristine / d, arcname=f"linux-6.1/{d}")
+    sha = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    text = (REPO / "recipes" / f"{RECIPE}.toml").read_text()
+    text = re.sub(r'(?m)^file = .*$', 'file = "linux-6.1-kvm.tar.gz"', text, count=1)
+    text = re.sub(r'(?m)^urls = .*$', f'urls = ["file://{tarball}"]', text, count=1)
+    text = re.sub(r'(?m)^sha256 = .*$', f'sha256 = "{sha}"', text, count=1)
+    text = text.replace('source = "image"', 'source = "fetch"')
+    rdir = base / "recipes-fetch"
+    rdir.mkdir()
+    (rdir / f"{RECIPE}.toml").write_text(text)
+    s3 = type(s)(**{**s.__dict__, "recipes_dir": rdir, "state_dir": base / "state-fetch",
+                    "cache": base / "cache-fetch", "lock": base / "state-fetch/kvmlab.lock"})
+    res = kmodbuild.build_kmod(s3, RECIPE, "debian12", jobs=2, quiet=True)
+    m = res.manifest
+    assert m["source"]["origin"] == f"file://{tarball}" and m["source_sha256"] == sha
+    assert m["build_dir"] != built.manifest["build_dir"]
+    assert [(a["path"], a["sha256"]) for a in m["artifacts"]] == \
+        [(a["path"], a["sha256"]) for a in built.manifest["artifacts"]]
+
+
+def test_ctrl_c_removes_the_container_and_leaves_no_half_tree(tmp_path):
+    """Interrupt a build while its container runs: the container is removed, no temp tree and no
+    output are left behind, and the exit is the interrupt's."""
+    import signal
+    import sys
+    import time
+    client = _docker_or_skip()
+    env = {**os.environ, "KVMLAB_HOME": str(REPO), "KVMLAB_STATE_DIR": str(tmp_path / "state"),
+           "KVMLAB_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    code = ("from kvmlab.config import load_settings\nfrom kvmlab import kmodbuild\n"
+            f"kmodbuild.build_kmod(load_settings(), {RECIPE!r}, 'debian12', quiet=True)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    prefix = f"kvmlab-kmod-{RECIPE}-debian12-"
+    try:
+        name = None
+        deadline = time.monotonic() + 300
+        while name is None and time.monotonic() < deadline and p.poll() is None:
+            for c in client.containers.list(all=True, filters={"label": "io.kvmlab.build"}):
+                if c.name.startswith(prefix) and c.name.endswith(f"-{p.pid}"):
+                    name = c.name
+            time.sleep(0.3)
+        assert name, "the build's container never appeared"
+        time.sleep(1)
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode != 0 and "KeyboardInterrupt" in out
+    left = [c.name for c in client.containers.list(all=True) if c.name == name]
+    assert left == [], f"container {name} was left behind"
+    work = tmp_path / "state/work" / RECIPE
+    assert not list(work.glob(".*tmp*")), list(work.glob(".*tmp*"))
+    assert not (tmp_path / "state/out" / RECIPE / "debian12").exists()
