@@ -5,14 +5,15 @@
  * For:   target kernels older than Linux 3.1 (e.g. CentOS/RHEL 6's 2.6.32), whose headers have no
  *        include/linux/kconfig.h macros, when building kvm code written for newer kernels (which
  *        uses IS_ENABLED(CONFIG_...) all over arch/x86/kvm and virt/kvm).
- *        Any compiler (plain C preprocessor; gcc 4.4 .. 12 checked by kvmlab's tests).
+ *        Any C99 preprocessor (variadic macros and ## pasting: gcc >= 3, so RHEL 6's gcc 4.4 too;
+ *        kvmlab's tests run it through gcc 12, on the host and in the debian12-kmod builder).
  * How:   kvmlab.kmodbuild force-includes this file (KCFLAGS += -include kvmlab-compat.h) only when
  *        no header under the target's include/linux defines IS_ENABLED. Each macro is guarded by
  *        #ifndef, and the helpers use names of their own and are defined only when one of the
  *        four is missing, so on kernels that do have them (their include/linux/kconfig.h is
- *        force-included before this file) it defines nothing at all: tests/unit/test_kmodbuild.py
- *        (host gcc) and tests/integration/test_kmodbuild_docker.py (builder gcc + the real 6.1 headers)
- *        compare the preprocessor's macro table with and without it.
+ *        force-included before this file) it defines nothing at all: the preprocessor's macro
+ *        table with and without it is compared by tests/unit/test_kmodbuild.py (host gcc) and
+ *        tests/integration/test_kmodbuild_docker.py (builder gcc, the real 6.1 kconfig.h).
  * Works with 2.6.x autoconf.h, which defines CONFIG_FOO as 1 for =y and CONFIG_FOO_MODULE as 1
  * for =m, exactly like later kernels: the placeholder trick below turns "defined to 1" into 1 and
  * anything else (undefined, or defined to another value) into 0, usable in #if and in C.

@@ -168,6 +168,19 @@ def _commands(recipe: Recipe, builder: str, jobs: int) -> tuple[list[str], list[
     return configure, make
 
 
+def with_prefix_map(configure: list[str], bdir: Path) -> list[str]:
+    """Configure args that make the build independent of where its tree lives: the build
+    directory is mapped to "." in debug info, __FILE__ and macros (-ffile-prefix-map), merged into
+    the one --extra-cflags qemu's configure honours (a second one would replace the first)."""
+    flag = f"-ffile-prefix-map={bdir}=."
+    out, merged = [], False
+    for a in configure:
+        if a.startswith("--extra-cflags=") and not merged:
+            a, merged = f"{a} {flag}", True
+        out.append(a)
+    return out if merged else out + [f"--extra-cflags={flag}"]
+
+
 def _env(recipe: Recipe, builder: str) -> dict[str, str]:
     b = recipe.builder(builder)
     env = {str(k): str(v) for k, v in (recipe.build.get("env") or {}).items()}
@@ -450,9 +463,10 @@ def build(settings: Settings, recipe: Recipe | str, builder: str, *, jobs: int =
     """Build a recipe with a builder (debian12, centos6 or native). See the module docstring."""
     if isinstance(recipe, str):
         recipe = load_recipe(settings.recipes_dir, recipe)
-    if recipe.kind != "qemu":
-        raise BuildError(f"recipe {recipe.name!r} is a {recipe.kind!r} recipe; build makes qemu "
-                         "recipes", hint="kmod recipes are built by their own step")
+    if recipe.kind == "kmod":
+        from . import kmodbuild
+        return kmodbuild.build_kmod(settings, recipe, builder, jobs=jobs, force=force,
+                                    source=source, offline=offline, quiet=quiet, timeout=timeout)
     recipe.builder(builder)  # RecipeError for an unknown builder
     if jobs < 1:
         raise BuildError(f"--jobs must be at least 1, got {jobs}")
@@ -515,12 +529,14 @@ def _build(settings: Settings, recipe: Recipe, builder: str, *, jobs: int, force
                        "LC_ALL": "C"}
             t_run0 = time.monotonic()
             if builder == "native":
-                rc = _run_native(bdir, [configure, make], env_run, sink, timeout)
+                rc = _run_native(bdir, [with_prefix_map(configure, bdir), make], env_run, sink,
+                                 timeout)
             else:
                 env_run.update({"CCACHE_DIR": CCACHE_DIR, "PATH": CONTAINER_PATH})
                 name = f"kvmlab-build-{re.sub(r'[^A-Za-z0-9_.-]', '-', recipe.name)}-{builder}-" \
                        f"{os.getpid()}"
-                rc = _run_container(client, image_ref, bdir, _script(configure, make), env_run,
+                rc = _run_container(client, image_ref, bdir,
+                                    _script(with_prefix_map(configure, bdir), make), env_run,
                                     sink, name, timeout)
             t_run = time.monotonic() - t_run0
             sink.close()

@@ -357,7 +357,19 @@ def load_modules(vendor: str, ko: list[str] | None = None, *, root: Path | str =
         missing = [p for p in ko if not Path(p).is_file()]
         if missing:
             raise HostError(f"module file not found: {', '.join(missing)}")
-        for path in _order_ko(ko):
+        from . import kmodbuild
+        ordered = [str(p) for p in kmodbuild.load_order(_order_ko(ko))]
+        release = kernel_release()
+        for path in ordered:  # every module is checked before the first insmod
+            kmodbuild.check_vermagic(path, release, root=root)
+        for dep in kmodbuild.external_depends(ordered):  # e.g. irqbypass, ccp
+            if not (Path(root) / "sys/module" / dep).exists():
+                p = _run(["modprobe", dep], runner)
+                if p.returncode != 0:
+                    raise HostError(f"modprobe {dep} (needed by the given modules) failed: "
+                                    f"{(p.stderr or p.stdout).strip()[:200]}")
+                actions.append(f"modprobe {dep}")
+        for path in ordered:
             name = re.sub(r"\.ko(\.[a-z]+)?$", "", Path(path).name).replace("-", "_")
             if mods.get(name) and mods[name].present():
                 actions.append(f"{name} already {mods[name].state}")

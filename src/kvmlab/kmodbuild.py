@@ -768,8 +768,7 @@ def build_kmod(settings: Settings, recipe: Recipe | str, builder: str, *, jobs: 
             tmp: Path | None = bdir.with_name(f".{bdir.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(pristine, tmp, symlinks=True)
-            for extra in (PREPARED_STAMP,):
-                (tmp / extra).unlink(missing_ok=True)
+            (tmp / PREPARED_STAMP).unlink(missing_ok=True)
             apply_series(tmp, entries)
             compat_dir = bdir / COMPAT_DIR
             plan = compat_plan(facts, csrc, str(compat_dir))

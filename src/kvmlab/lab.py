@@ -99,7 +99,7 @@ def _images(c: _Ctx) -> StepOutcome:
     if c.o.builder == "native":
         return StepOutcome("images", "skipped", figure="native builder: no image")
     from . import images
-    info = images.ensure_image(c.s, c.o.builder)
+    info = images.ensure_image(c.s, c.recipe.builder(c.o.builder).image or c.o.builder)
     return StepOutcome("images", "no-op" if info.noop else "ok", figure=info.ref,
                        record={"ref": info.ref, "id": info.id})
 

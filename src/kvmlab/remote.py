@@ -195,8 +195,9 @@ def _run_one(settings: Settings, opts: Any, h: HostSpec, bundle: bytes, out_tar:
              connect_timeout: float, command_timeout: float) -> HostResult:
     from fabric import Connection
     t0 = time.monotonic()
-    kw: dict[str, Any] = {"timeout": connect_timeout, "banner_timeout": connect_timeout,
-                          "auth_timeout": connect_timeout}
+    import paramiko
+    from invoke.exceptions import CommandTimedOut, UnexpectedExit
+    kw: dict[str, Any] = {"banner_timeout": connect_timeout, "auth_timeout": connect_timeout}
     if h.key:
         kw["key_filename"] = h.key
     try:
@@ -221,7 +222,8 @@ def _run_one(settings: Settings, opts: Any, h: HostSpec, bundle: bytes, out_tar:
             summary = "all host-side steps passed" if r.ok else (errs[-1] if errs else
                                                                  f"exit {r.exited}")
             return HostResult(h.label, r.ok, time.monotonic() - t0, summary, output, lock)
-    except Exception as e:  # unreachable, auth failure, dropped connection, timeout
+    except (OSError, EOFError, paramiko.SSHException, CommandTimedOut, UnexpectedExit) as e:
+        # unreachable, refused, auth failure, dropped connection, timeout, a setup command failed
         msg = f"{type(e).__name__}: {e}".strip()
         return HostResult(h.label, False, time.monotonic() - t0, f"unreachable or failed: {msg}")
 
@@ -257,5 +259,6 @@ def run_hosts(settings: Settings, opts: Any, inventory: str) -> list[HostResult]
     if bad:
         raise LabError(f"{len(bad)} of {len(results)} host(s) failed: " +
                        ", ".join(r.host for r in bad),
-                       hint="see the table above; the other hosts completed")
+                       hint="see the table above" + ("; the other hosts completed"
+                                                     if len(bad) < len(results) else ""))
     return results

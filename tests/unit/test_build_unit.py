@@ -194,3 +194,13 @@ def test_a_second_concurrent_build_is_refused(kvmlab_env):
     assert msg == f"another build of r is running (pid {os.getpid()})"
     with B.build_lock(kvmlab_env, "r", "debian12"):
         pass  # released
+
+
+def test_prefix_map_merges_into_the_one_extra_cflags(tmp_path):
+    from kvmlab.build import with_prefix_map
+    b = tmp_path / "build-debian12"
+    args = ["./configure", "--extra-cflags=-Werror=int-conversion", "--prefix=/usr"]
+    assert with_prefix_map(args, b) == [
+        "./configure", f"--extra-cflags=-Werror=int-conversion -ffile-prefix-map={b}=.",
+        "--prefix=/usr"]
+    assert with_prefix_map(["./configure"], b) == ["./configure", f"--extra-cflags=-ffile-prefix-map={b}=."]

@@ -111,9 +111,29 @@ def test_insmod_orders_kvm_first(tmp_path, monkeypatch):
     (ko / "kvm-amd.ko").write_bytes(b"\x7fELF")
     (ko / "kvm.ko").write_bytes(b"\x7fELF")
     calls: list = []
+    from kvmlab import kmodbuild
+    info = {"vermagic": f"{REL} SMP preempt mod_unload modversions ", "depends": ""}
+    monkeypatch.setattr(kmodbuild, "read_modinfo", lambda p: dict(info))
     kmod.load_modules("AuthenticAMD", [str(ko / "kvm-amd.ko"), str(ko / "kvm.ko")], root=root,
                       runner=fake_runner(root, calls))
     assert [Path(c[1]).name for c in calls] == ["kvm.ko", "kvm-amd.ko"]
+
+
+def test_insmod_refuses_other_vermagic_before_any_insmod(tmp_path, monkeypatch):
+    monkeypatch.setattr(kmod, "kernel_release", lambda: REL)
+    root = make_root(tmp_path)
+    ko = tmp_path / "ko"
+    ko.mkdir()
+    for f in ("kvm.ko", "kvm-amd.ko"):
+        (ko / f).write_bytes(b"\x7fELF")
+    from kvmlab import kmodbuild
+    monkeypatch.setattr(kmodbuild, "read_modinfo", lambda p: {
+        "vermagic": "5.10.0-30-amd64 SMP mod_unload modversions ", "depends": ""})
+    calls: list = []
+    with pytest.raises(kmodbuild.VermagicMismatch, match="5.10.0-30-amd64"):
+        kmod.load_modules("AuthenticAMD", [str(ko / "kvm.ko"), str(ko / "kvm-amd.ko")], root=root,
+                          runner=fake_runner(root, calls))
+    assert calls == []
 
 
 def test_modprobe_failure_explained(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ from ..errors import ConfigError, DockerError
 from ._common import run_step_checks, settings, task
 
 
-@task(help={"builder": "an image under docker/ (debian12, centos6, ...) or all (the default)",
+@task(help={"builder": "an image under docker/ (debian12, centos6, ...), or all (default: the configured builder)",
             "force": "rebuild the image(s) even if their inputs are unchanged"})
 def images(ctx: Context, builder: str = "", force: bool = False) -> None:
     """Build the builder images (tagged by input hash; no-op when unchanged).
@@ -18,7 +18,7 @@ def images(ctx: Context, builder: str = "", force: bool = False) -> None:
     """
     from .. import images as images_mod
     s = settings(ctx)
-    names = images_mod.IMAGE_BUILDERS if builder in ("", "all") else (builder,)
+    names = images_mod.IMAGE_BUILDERS if builder == "all" else (builder or s.builder,)
     for name in names:
         if not (s.docker_dir / name / "Dockerfile").is_file():
             known = sorted(p.parent.name for p in s.docker_dir.glob("*/Dockerfile"))
@@ -32,7 +32,7 @@ def images(ctx: Context, builder: str = "", force: bool = False) -> None:
             info = images_mod.ensure_image(s, name, force=force, client=client)
         except DockerError as e:
             # "all" goes on past an image whose external base (centos:6) is not loaded here
-            if builder not in ("", "all") or not external:
+            if builder != "all" or not external:
                 raise
             ui.warn(f"{name}: {e.message}; hint: {e.hint}")
             rows.append((name, "-", "skipped", e.message))
@@ -62,9 +62,10 @@ def build(ctx: Context, recipe: str = "", builder: str = "", jobs: int = 2, forc
     ui.table(f"{m.get('recipe')} ({m.get('builder')}): {res.out_dir}",
              ["artifact", "kind", "size", "sha256"], rows, status_col=None)
     if m.get("compiler"):
-        ui.info(f"compiler: {m['compiler']}; firmware dir compiled in: "
-                f"{(m.get('config') or {}).get('datadir')}")
-    run_step_checks(s, "build", no_verify)
+        datadir = (m.get("config") or {}).get("datadir")
+        ui.info(f"compiler: {m['compiler']}" +
+                (f"; firmware dir compiled in: {datadir}" if datadir else ""))
+    run_step_checks(s, "kmod" if m.get("kind") == "kmod" else "build", no_verify)
 
 
 @task(help={"recipe": "recipe name (default from settings)",

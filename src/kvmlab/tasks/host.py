@@ -33,14 +33,18 @@ doctor.help["json_"] = doctor.help.pop("json")
 
 
 @task(help={"ko": "comma-separated .ko files to insmod (kvm.ko first) instead of modprobe",
+            "from": "the out/ directory of a kmod build (invoke build --recipe kvm-kmod-6.1)",
             "unload": "rmmod the modules instead (refused while VMs use KVM)",
             "json": "print the result as JSON",
             "no-verify": "skip the host checks (tests/infra/test_host.py) after loading"})
-def load_modules(ctx: Context, ko: str = "", unload: bool = False, json_: bool = False,
-                 no_verify: bool = False) -> None:
+def load_modules(ctx: Context, ko: str = "", from_: str = "", unload: bool = False,
+                 json_: bool = False, no_verify: bool = False) -> None:
     """Load kvm + kvm_intel/kvm_amd for this CPU (idempotent, built-in aware); --unload."""
     from .. import host
     paths = [p for p in ko.split(",") if p]
+    if from_:
+        from ..kmodbuild import modules_from
+        paths += [str(p) for p in modules_from(from_)]
     if unload and paths:
         raise HostError("--ko and --unload do not go together")
     res = host.load_modules(paths, unload=unload)
@@ -57,6 +61,7 @@ def load_modules(ctx: Context, ko: str = "", unload: bool = False, json_: bool =
 
 
 load_modules.help["json_"] = load_modules.help.pop("json")
+load_modules.help["from_"] = load_modules.help.pop("from")
 
 
 @task(positional=["code"],
