@@ -36,6 +36,8 @@ from typing import Any, Iterator
 from . import ui
 from .config import Settings
 from .errors import BuildError, DockerError
+from .fsutil import sha256_file
+from .proc import sigterm_as_interrupt
 from .recipe import Recipe, load_recipe
 
 CCACHE_VOLUME = "kvmlab-ccache"  # KVMLAB_CCACHE_VOLUME overrides it (benchmarks: a cold cache)
@@ -59,14 +61,6 @@ class BuildResult:
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _sha(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
@@ -109,23 +103,6 @@ def build_lock(settings: Settings, recipe: str, builder: str) -> Iterator[None]:
             f.seek(0)
             f.truncate()
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """For the duration: SIGTERM raises KeyboardInterrupt (so cleanup runs as for Ctrl-C)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 class _LogSink:

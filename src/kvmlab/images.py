@@ -384,7 +384,7 @@ def ensure_base_image(settings: Settings, name: str = "debian12", *, force: bool
     ui.info(f"making base image {ref}: debootstrap {DEBIAN_SUITE} from {mirror.uri} "
             f"(log: {log})")
     t0 = time.monotonic()
-    from .build import sigterm_as_interrupt
+    from .proc import sigterm_as_interrupt
     with sigterm_as_interrupt():
         img = _debootstrap_and_import(client, inputs, mirror, repo, tag, log)
     ui.info(f"[green]built[/green] {ref} ({img.id[:19]}) in {time.monotonic() - t0:.0f} s")
@@ -520,7 +520,7 @@ def ensure_image(settings: Settings, builder: str, *, force: bool = False,
     ui.info(f"building image {ref} from {ctx} (base {base_name}; log: {log})")
     t0 = time.monotonic()
     echo = (lambda ln: None) if quiet else (lambda ln: print(ln, flush=True) if ln.strip() else None)
-    from .build import sigterm_as_interrupt
+    from .proc import sigterm_as_interrupt
     with sigterm_as_interrupt():
         _stream_build(client, ctx, ref, {"BASE": base_name}, log, nocache=force, echo=echo)
     img = find_image(client, ref)

@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -45,6 +44,8 @@ from typing import Any, Iterable
 
 from .config import Settings
 from .errors import InstallError
+from .fsutil import sha256_file
+from .proc import kill_group
 from .recipe import Recipe, load_recipe
 
 MODES = ("copy", "symlink", "make-install")
@@ -141,14 +142,6 @@ def _recipe(settings: Settings, recipe: Recipe | str | None) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     return load_recipe(settings.recipes_dir, recipe or settings.recipe)
-
-
-def sha256_file(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _join(destdir: str, path: str | Path) -> Path:
@@ -1033,15 +1026,8 @@ def run_probe(qemu: Path, *, timeout: float = 20, use_strace: bool | None = None
         else:
             code = proc.poll()
     finally:
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        if proc is not None:
+            kill_group(proc)
         errf.seek(0)
         stderr = errf.read().decode("utf-8", "replace")
         errf.close()

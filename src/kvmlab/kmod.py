@@ -315,6 +315,16 @@ def _run(cmd: list[str], runner: Runner) -> subprocess.CompletedProcess:
         raise HostError(f"{' '.join(cmd)} did not finish within 60 s") from None
 
 
+def _load(cmd: list[str], runner: Runner, actions: list[str]) -> None:
+    """modprobe/insmod one module; a failure is explained from its output and the kernel log."""
+    p = _run(cmd, runner)
+    if p.returncode != 0:
+        reason, hint = explain_module_failure(p.stderr + p.stdout, kernel_log_tail())
+        raise HostError(f"{' '.join(cmd)} failed: {reason} "
+                        f"({(p.stderr or p.stdout).strip()[:200]})", hint=hint)
+    actions.append(" ".join(cmd))
+
+
 def _order_ko(paths: list[str]) -> list[str]:
     """kvm.ko first (the vendor module depends on it), then the others as given."""
     def is_kvm(p: str) -> bool:
@@ -364,29 +374,22 @@ def load_modules(vendor: str, ko: list[str] | None = None, *, root: Path | str =
             kmodbuild.check_vermagic(path, release, root=root)
         for dep in kmodbuild.external_depends(ordered):  # e.g. irqbypass, ccp
             if not (Path(root) / "sys/module" / dep).exists():
-                p = _run(["modprobe", dep], runner)
-                if p.returncode != 0:
-                    raise HostError(f"modprobe {dep} (needed by the given modules) failed: "
-                                    f"{(p.stderr or p.stdout).strip()[:200]}")
-                actions.append(f"modprobe {dep}")
-        for path in ordered:
-            name = re.sub(r"\.ko(\.[a-z]+)?$", "", Path(path).name).replace("-", "_")
-            if mods.get(name) and mods[name].present():
-                actions.append(f"{name} already {mods[name].state}")
-                continue
-            p = _run(["insmod", path], runner)
-            if p.returncode != 0:
-                reason, hint = explain_module_failure(p.stderr + p.stdout, kernel_log_tail())
-                raise HostError(f"insmod {path} failed: {reason} "
-                                f"({(p.stderr or p.stdout).strip()[:200]})", hint=hint)
-            actions.append(f"insmod {path}")
+                _load(["modprobe", dep], runner, actions)
+        inserted: list[str] = []
+        try:
+            for path in ordered:
+                name = re.sub(r"\.ko(\.[a-z]+)?$", "", Path(path).name).replace("-", "_")
+                if mods.get(name) and mods[name].present():
+                    actions.append(f"{name} already {mods[name].state}")
+                    continue
+                _load(["insmod", path], runner, actions)
+                inserted.append(name)
+        except HostError:
+            for name in reversed(inserted):  # back to the modules that were there before
+                _run(["rmmod", name], runner)
+            raise
     else:
-        p = _run(["modprobe", target], runner)
-        if p.returncode != 0:
-            reason, hint = explain_module_failure(p.stderr + p.stdout, kernel_log_tail())
-            raise HostError(f"modprobe {target} failed: {reason} "
-                            f"({(p.stderr or p.stdout).strip()[:200]})", hint=hint)
-        actions.append(f"modprobe {target}")
+        _load(["modprobe", target], runner, actions)
     after = modules_report(root)
     state = {n: m.state for n, m in after.modules.items()}
     if not (after.modules["kvm"].present() and after.modules[target].present()):

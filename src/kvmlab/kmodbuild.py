@@ -576,7 +576,7 @@ def _extract_lines(spec: KmodSpec, strip: int, fetched: Any) -> list[str]:
     if spec.source_path.endswith(".src.rpm") or (fetched is not None and
                                                   fetched.file.endswith(".src.rpm")):
         if not spec.srpm_tarball:
-            raise RecipeError(f"the source is an SRPM: set [kmod] srpm_tarball to the kernel "
+            raise RecipeError("the source is an SRPM: set [kmod] srpm_tarball to the kernel "
                               "tarball inside it (e.g. linux-2.6.32-754.el6.tar.bz2)")
         t = q(spec.srpm_tarball)
         return [f'echo "+ rpm2cpio $S | cpio -i --to-stdout {t} | {tar}"',
@@ -716,9 +716,10 @@ def build_kmod(settings: Settings, recipe: Recipe | str, builder: str, *, jobs: 
     """Build a kind = "kmod" recipe: returns kvmlab.build.BuildResult(out_dir, manifest, noop)."""
     from . import images
     from .build import (BuildResult, _LogSink, _run_container, _sha, build_dir,
-                        log_path, sigterm_as_interrupt, CCACHE_DIR, CONTAINER_PATH,
+                        log_path, CCACHE_DIR, CONTAINER_PATH,
                         DEFAULT_TIMEOUT)
     from .patch import apply_series, read_series
+    from .proc import sigterm_as_interrupt
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     if isinstance(recipe, str):
         recipe = load_recipe(settings.recipes_dir, recipe)

@@ -35,20 +35,18 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import guest as guest_mod
 from .config import Settings
 from .errors import ImageError, KvmlabError, VMError
+from .proc import kill_group, sigterm_as_interrupt
 
 ACCELS = ("auto", "kvm", "tcg")
 GUESTS = ("tiny", "linux", "iso")
@@ -160,7 +158,7 @@ def probe_qemu(path: str | Path, timeout: float = 15, cache_dir: Path | None = N
     finally:
         for pr in procs.values():
             if pr.poll() is None:
-                _kill_group(pr)
+                kill_group(pr)
 
     vout, vrc = outs["-version"]
     m = _VERSION_RE.search(vout)
@@ -386,36 +384,6 @@ def choose_accel(accel: str) -> tuple[str, str]:
     return "tcg", f"auto: KVM not usable ({probe.verdict}); using TCG"
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL not delivered?!
-        pass
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM during a boot behaves like Ctrl-C (the VM is killed on the way out)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    prev = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, prev)
-
-
 def _stderr_warnings(path: Path) -> list[str]:
     try:
         text = path.read_text(errors="replace")
@@ -542,7 +510,7 @@ def boot_test(settings: Settings, *, qemu: str | Path | None = None, accel: str 
     really in use, KVM internal error); a guest that does not reach its marker in time returns
     ``booted=False`` with ``failure`` set and the serial log kept.
     """
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         return _boot_test(settings, qemu=qemu, accel=accel, guest=guest, iso=iso, kernel=kernel,
                           disk=disk, timeout=timeout, memory=memory, init_script=init_script,
                           dry_run=dry_run, kernel_format=kernel_format, qemu_extra=qemu_extra)
@@ -661,7 +629,7 @@ def _run(qb: QemuBinary, cmd: list[str], result: BootResult, want: str, accel: s
             mon.connect(min(deadline, t0 + 30), lambda: proc.poll() is None)
             kvm = mon.kvm_enabled()
         except (VMError, OSError, ValueError) as e:
-            _kill_group(proc)
+            kill_group(proc)
             stderr = _stderr_warnings(errlog)
             result.warnings = stderr
             msg = e.message if isinstance(e, VMError) else str(e)
@@ -672,7 +640,7 @@ def _run(qb: QemuBinary, cmd: list[str], result: BootResult, want: str, accel: s
         result.accel = "kvm" if kvm else "tcg"
         if want == "kvm" and not kvm:
             if accel == "kvm":
-                _kill_group(proc)
+                kill_group(proc)
                 result.warnings = _stderr_warnings(errlog)
                 why = " | ".join(w for w in result.warnings if "kvm" in w.lower())[:300]
                 raise VMError("--accel kvm: qemu is not using KVM (the monitor's `info kvm` says "
@@ -716,7 +684,7 @@ def _run(qb: QemuBinary, cmd: list[str], result: BootResult, want: str, accel: s
                     break
                 esize = os.path.getsize(errlog)
                 if esize != err_size and KVM_ERROR_RE.search(errlog.read_text(errors="replace")):
-                    _kill_group(proc)
+                    kill_group(proc)
                     result.warnings = _stderr_warnings(errlog)
                     raise VMError("qemu stopped the guest with a KVM internal error: KVM is not "
                                   "really usable here",
@@ -725,7 +693,7 @@ def _run(qb: QemuBinary, cmd: list[str], result: BootResult, want: str, accel: s
                 if time.monotonic() > deadline:
                     result.failure = (f"timeout: no marker on the serial console within "
                                       f"{timeout:g} s; qemu was killed")
-                    _kill_group(proc)
+                    kill_group(proc)
                     break
                 time.sleep(POLL)
         note = ""
@@ -737,7 +705,7 @@ def _run(qb: QemuBinary, cmd: list[str], result: BootResult, want: str, accel: s
             except subprocess.TimeoutExpired:
                 note = "guest did not power off after the marker; qemu was killed"
         mon.close()
-        _kill_group(proc)
+        kill_group(proc)
         try:
             text = serial.read_bytes().decode("utf-8", "replace")
         except OSError:
@@ -749,7 +717,7 @@ def _run(qb: QemuBinary, cmd: list[str], result: BootResult, want: str, accel: s
             result.warnings.append(f"KVM in use but the guest's clocksource is {cs}, not kvm-clock")
     finally:
         mon.close()
-        _kill_group(proc)
+        kill_group(proc)
 
 
 def _loader_evidence(mon: Monitor, serial: bytes, et: ElTorito) -> str:

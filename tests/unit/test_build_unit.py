@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmlab.proc import sigterm_as_interrupt
+
 from kvmlab import build as B
 from kvmlab.errors import BuildError
 from kvmlab.recipe import parse_recipe
@@ -140,7 +142,7 @@ def test_missing_option_rom_is_a_warning(tmp_path, recipe, capsys):
 def test_sigterm_becomes_keyboardinterrupt_only_inside():
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
-        with B.sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode
             pytest.fail("SIGTERM did not interrupt")
     assert signal.getsignal(signal.SIGTERM) == before

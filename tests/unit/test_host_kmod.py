@@ -175,3 +175,27 @@ def test_unload_refused_by_sysfs_refcnt(tmp_path, monkeypatch):
     with pytest.raises(HostError, match="kvm_intel refcount 1"):
         kmod.unload_modules("GenuineIntel", root=root, runner=fake_runner(root, calls))
     assert calls == []
+
+
+def test_failed_insmod_removes_what_this_run_inserted(tmp_path, monkeypatch):
+    monkeypatch.setattr(kmod, "kernel_release", lambda: REL)
+    monkeypatch.setattr(kmod, "kernel_log_tail", lambda: "")
+    root = make_root(tmp_path)
+    ko = tmp_path / "ko"
+    ko.mkdir()
+    for f in ("kvm.ko", "kvm-intel.ko"):
+        (ko / f).write_bytes(b"\x7fELF")
+    from kvmlab import kmodbuild
+    monkeypatch.setattr(kmodbuild, "read_modinfo", lambda p: {
+        "vermagic": f"{REL} SMP preempt mod_unload modversions ", "depends": ""})
+    calls: list = []
+
+    def runner(cmd, **kw):
+        calls.append(cmd)
+        ok = not (cmd[0] == "insmod" and cmd[1].endswith("kvm-intel.ko"))
+        return subprocess.CompletedProcess(cmd, 0 if ok else 1, "",
+                                           "" if ok else "insmod: ERROR: Operation not supported")
+    with pytest.raises(HostError, match="insmod .*kvm-intel.ko failed"):
+        kmod.load_modules("GenuineIntel", [str(ko / "kvm.ko"), str(ko / "kvm-intel.ko")],
+                          root=root, runner=runner)
+    assert calls[-1] == ["rmmod", "kvm"]

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from kvmlab.errors import RecipeError
-from kvmlab.recipe import load_recipe, parse_recipe
+from kvmlab.recipe import load_recipe
 
 GOOD = '''
 name = "demo"

@@ -73,9 +73,10 @@ def install(ctx: Context, recipe: str = "", builder: str = "", prefix: str = "",
 def install_bios(ctx: Context, recipe: str = "", builder: str = "", prefix: str = "",
                  destdir: str = "", qemu: str = "", firmware_from: str = "",
                  timeout: int = 20, dry_run: bool = False, no_verify: bool = False) -> None:
-    """Find every directory the installed qemu searches for firmware (its recorded configuration
-    and a paused trial start under strace), install bios.bin, vapic.bin and the option ROMs
-    there, then prove the binary starts."""
+    """Put bios.bin, vapic.bin and option ROMs where the installed qemu looks; prove it starts.
+
+    The directories come from the build's recorded configuration and a paused trial start of the
+    binary (under strace where available)."""
     from .. import install as inst
     s = settings(ctx, recipe=recipe, builder=builder)
     res = inst.install_bios(s, s.recipe, s.builder, prefix=prefix or None,
