@@ -639,22 +639,23 @@ def _save_manifest(path: Path, m: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # install
-def _binary_dest(recipe: Recipe, root: Path, bindir: Path, base: str) -> Path:
-    """Where binary `base` goes: bindir/<name>, or root/<name> when the recipe's binary_names
-    value has a "/" (relative to the prefix, e.g. RHEL's libexec/qemu-kvm)."""
+def binary_path(recipe: Recipe, root: Path, base: str = QEMU_NAME) -> Path:
+    """Where binary `base` is installed under root (DESTDIR+PREFIX): bindir/<name>, or
+    root/<name> when the recipe's binary_names value has a "/" (relative to the prefix, e.g.
+    RHEL's libexec/qemu-kvm)."""
     name = (recipe.install.get("binary_names", {}) or {}).get(base, base)
-    return root / name if "/" in name else bindir / name
+    return root / name if "/" in name else root / (recipe.install.get("bindir") or "bin") / name
 
 
 def _binary_items(recipe: Recipe, out: Path, manifest: dict[str, Any], root: Path,
-                  bindir: Path, mode: str) -> list[_Item]:
+                  mode: str) -> list[_Item]:
     items = []
     for a in manifest.get("artifacts", []):
         if a.get("kind") != "binary":
             continue
         src = out / a["path"]
         base = os.path.basename(a["path"])
-        dest = _binary_dest(recipe, root, bindir, base)
+        dest = binary_path(recipe, root, base)
         m = int(str(a.get("mode", "0755")), 8) if isinstance(a.get("mode"), str) else \
             int(a.get("mode") or 0o755)
         if mode == "symlink":
@@ -679,7 +680,6 @@ def install(settings: Settings, recipe: Recipe | str, builder: str, *,
     prefix = _norm_prefix(prefix or recipe.install.get("prefix") or "/usr/local")
     destdir = _norm_destdir(destdir)
     root = _join(destdir, prefix)
-    bindir = root / (recipe.install.get("bindir") or "bin")
     mpath = manifest_path(settings, destdir, prefix)
     m = _load_manifest(mpath) or _new_manifest(destdir, prefix)
     warnings: list[str] = []
@@ -689,7 +689,7 @@ def install(settings: Settings, recipe: Recipe | str, builder: str, *,
             staging, items, warnings = _make_install_items(settings, recipe, builder, bm,
                                                            prefix, destdir, timeout)
         else:
-            items = _binary_items(recipe, out, bm, root, bindir, mode)
+            items = _binary_items(recipe, out, bm, root, mode)
         if not items:
             raise InstallError(f"the build of {recipe.name}/{builder} lists no binaries",
                                hint="check artifacts.binaries in the recipe and rebuild")
@@ -1194,7 +1194,7 @@ def find_search_dirs(qemu: Path, *, datadir_hint: str | None = None, probe: bool
 # install-bios
 def _find_installed_binary(settings: Settings, m: dict[str, Any] | None, root: Path,
                            recipe: Recipe) -> Path | None:
-    cand = _binary_dest(recipe, root, root / (recipe.install.get("bindir") or "bin"), QEMU_NAME)
+    cand = binary_path(recipe, root)
     if m:
         for e in m["files"]:
             if e.get("name") == QEMU_NAME or os.path.basename(e["path"]) == cand.name:

@@ -99,7 +99,16 @@ def _images(c: _Ctx) -> StepOutcome:
     if c.o.builder == "native":
         return StepOutcome("images", "skipped", figure="native builder: no image")
     from . import images
-    info = images.ensure_image(c.s, c.recipe.builder(c.o.builder).image or c.o.builder)
+    name = c.recipe.builder(c.o.builder).image or c.o.builder
+    built = read_json(c.s.out(c.recipe.name, c.o.builder) / "manifest.json", {}) or {}
+    if built.get("image") and images.local_base_name(images.docker_dir(c.s, name) / "Dockerfile"):
+        # the image's tag is a hash of its inputs, known without docker: when the last build
+        # used exactly this image, there is nothing to check or make (saves the docker round trip)
+        repo, tag = images.image_ref(c.s, name)
+        if built["image"] == f"{repo}:{tag}":
+            return StepOutcome("images", "no-op", figure=f"{repo}:{tag} (as built)",
+                               record={"ref": built["image"], "id": built.get("image_id")})
+    info = images.ensure_image(c.s, name)
     return StepOutcome("images", "no-op" if info.noop else "ok", figure=info.ref,
                        record={"ref": info.ref, "id": info.id})
 
@@ -107,7 +116,7 @@ def _images(c: _Ctx) -> StepOutcome:
 def _build(c: _Ctx) -> StepOutcome:
     from . import build
     r = build.build(c.s, c.recipe, c.o.builder, jobs=c.o.jobs, source=c.o.source,
-                    offline=c.o.offline, force=c.o.force)
+                    offline=c.o.offline)
     m = r.manifest
     arts = {a["path"]: a["sha256"] for a in m.get("artifacts", [])}
     return StepOutcome("build", "no-op" if r.noop else "ok",
@@ -125,6 +134,7 @@ def _installed_files(manifest_path: Path) -> dict[str, str]:
 def _install(c: _Ctx) -> StepOutcome:
     from . import install
     r = install.install(c.s, c.recipe, c.o.builder, prefix=c.o.prefix, destdir=c.o.destdir)
+    c.qemu = install.binary_path(c.recipe, Path(r.root))
     return StepOutcome("install", "no-op" if r.noop else "ok",
                        figure=f"{len(r.rows)} file(s) under {r.root}",
                        record={"manifest": str(r.manifest_path), "root": str(r.root)})
@@ -206,6 +216,7 @@ def _boot_test(c: _Ctx) -> StepOutcome:
     from . import vm
     r = vm.boot_test(c.s, qemu=_boot_qemu(c), accel=c.o.accel, guest=c.o.guest,
                      disk=c.disk if c.disk.exists() else None, timeout=c.o.timeout)
+    vm.write_last(c.s, [r])  # for `invoke verify --step boot`
     rec = {"guest": r.guest, "booted": r.booted, "accel": r.accel, "qemu_version": r.qemu_version,
            "accel_reason": r.accel_reason}
     if not r.booted:
@@ -305,10 +316,13 @@ def run_lab(settings: Settings, opts: LabOptions, *, resume: bool = False,
             c.records[step] = done[step]["record"]
             outcomes.append(StepOutcome(step, "no-op", figure="done before --resume",
                                         record=done[step]["record"]))
+            if step == "install":
+                from . import install
+                c.qemu = install.binary_path(c.recipe, Path(done[step]["record"]["root"]))
             continue
-        ih = _inputs_hash(c, step) if step in CACHED_STEPS and not opts.force else None
+        ih = _inputs_hash(c, step) if step in CACHED_STEPS else None
         prev = cached.get(step)
-        if ih and prev and prev.get("inputs") == ih:
+        if ih and prev and prev.get("inputs") == ih and not opts.force:
             out = StepOutcome(step, "no-op", figure=prev.get("figure", "") + " (unchanged)",
                               record=prev["record"])
         else:
