@@ -472,6 +472,7 @@ def repro_check(settings: Settings, recipe: str, builder: str, *, source: str | 
     import tempfile
 
     from . import build
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="kvmlab-repro-", dir=settings.state_dir))
     try:
         manifests = []
