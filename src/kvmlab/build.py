@@ -16,7 +16,6 @@ the value recorded in the manifest is a no-op that does not contact docker.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import re
@@ -36,7 +35,7 @@ from typing import Any, Iterator
 from . import ui
 from .config import Settings
 from .errors import BuildError, DockerError
-from .fsutil import sha256_file
+from .fsutil import json_sha256, sha256_file
 from .proc import sigterm_as_interrupt
 from .recipe import Recipe, load_recipe
 
@@ -62,8 +61,7 @@ class BuildResult:
 # --------------------------------------------------------------------------------------------
 # helpers
 
-def _sha(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+_sha = json_sha256
 
 
 def ccache_volume() -> str:

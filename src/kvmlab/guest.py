@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Settings
+from .fsutil import json_sha256
 from .errors import VMError
 
 KINDS = ("tiny", "linux", "iso")
@@ -258,7 +259,7 @@ def marker_for(nonce: str) -> str:
 
 
 def _hash(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return json_sha256(inputs)[:16]
 
 
 def _file_id(path: Path) -> dict:

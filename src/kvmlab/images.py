@@ -13,7 +13,6 @@ Both also get a ``latest`` tag for humans; kvmlab itself only uses the hashed ta
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 from . import ui
 from .config import Settings
+from .fsutil import json_sha256
 from .errors import DockerError
 
 IMAGE_BUILDERS = ("debian12", "centos6", "debian12-kmod", "debian12-el6", "centos6-el6")  # debian12-kmod: kvmlab.kmodbuild
@@ -201,8 +201,7 @@ def debian_mirror(suite: str = DEBIAN_SUITE, root: Path = Path("/etc/apt")) -> A
 # --------------------------------------------------------------------------------------------
 # hashing
 
-def _sha(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+_sha = json_sha256
 
 
 def dir_hash(path: Path) -> str:

@@ -44,7 +44,7 @@ from typing import Any, Iterable
 
 from .config import Settings
 from .errors import InstallError
-from .fsutil import sha256_file
+from .fsutil import atomic_write_json, sha256_file
 from .proc import kill_group
 from .recipe import Recipe, load_recipe
 
@@ -181,21 +181,6 @@ def _load_manifest(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError) as e:
         raise InstallError(f"install manifest {path} is unreadable: {e}",
                            hint="move it away to start over (files it lists stay installed)")
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
 
 
 def _unlink_quiet(p: str | Path) -> None:
@@ -627,7 +612,7 @@ def _save_manifest(path: Path, m: dict[str, Any]) -> None:
     txn = m.pop("_txn", None)
     m["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
-        _write_json_atomic(path, m)
+        atomic_write_json(path, m)
     except OSError as e:
         if txn is not None:
             txn.rollback()

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from . import ui
 from .config import Settings
 from .errors import HostError, KvmlabError, LabError
-from .fsutil import atomic_write_json, read_json, sha256_file
+from .fsutil import atomic_write_json, json_sha256, read_json, sha256_file
 from .recipe import Recipe, load_recipe
 
 LOCK_SCHEMA = 1
@@ -286,7 +286,7 @@ def lock_path(settings: Settings) -> Path:
 def _options_key(opts: LabOptions) -> str:
     d = asdict(opts)
     d.pop("force", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+    return json_sha256(d)
 
 
 def run_lab(settings: Settings, opts: LabOptions, *, resume: bool = False,

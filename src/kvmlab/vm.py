@@ -45,6 +45,7 @@ from typing import Any
 
 from . import guest as guest_mod
 from .config import Settings
+from .fsutil import atomic_write_json
 from .errors import ImageError, KvmlabError, VMError
 from .proc import kill_group, sigterm_as_interrupt
 
@@ -738,8 +739,5 @@ def _loader_evidence(mon: Monitor, serial: bytes, et: ElTorito) -> str:
 def write_last(settings: Settings, results: list[BootResult]) -> Path:
     """Record the last boot-test run for `invoke verify --step boot` (tests/infra/test_boot.py)."""
     p = settings.state_dir / "vm" / "last-boot.json"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps([r.to_dict() for r in results], indent=2))
-    os.replace(tmp, p)
+    atomic_write_json(p, [r.to_dict() for r in results])
     return p
