@@ -410,6 +410,22 @@ def _collect(recipe: Recipe, builder: str, bdir: Path, out: Path,
                 arts.append({"path": f"{sub}/{dest.name}", "kind": kind, "source": rel,
                              "sha256": sha256_file(dest), "size": st.st_size,
                              "mode": "%04o" % (st.st_mode & 0o7777)})
+        for rel in recipe.artifacts.get("data_dirs", ()):
+            # a directory of data files (keymaps): copied whole, kept as pc-bios/<dir>/...
+            src_dir = bdir / rel
+            if not src_dir.is_dir():
+                ui.warn(f"data directory {rel} was not found in {bdir}; skipped")
+                continue
+            for src in sorted(p for p in src_dir.rglob("*") if p.is_file()):
+                sub_rel = src.relative_to(src_dir).as_posix()
+                relp = f"pc-bios/{src_dir.name}/{sub_rel}"
+                dest = tmp / relp
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest)
+                st = dest.stat()
+                arts.append({"path": relp, "kind": "data", "source": f"{rel}/{sub_rel}",
+                             "sha256": sha256_file(dest), "size": st.st_size,
+                             "mode": "%04o" % (st.st_mode & 0o7777)})
         if missing_bins:
             raise BuildError(f"build finished but {len(missing_bins)} binary(ies) are missing: "
                              + ", ".join(missing_bins),

@@ -1210,8 +1210,9 @@ def install_bios(settings: Settings, recipe: Recipe | str, builder: str, *,
     try:
         out, bm = load_build(settings, recipe, builder)
         for a in bm.get("artifacts", []):
-            if a.get("kind") in ("firmware", "option_rom"):
-                n = os.path.basename(a["path"])
+            if a.get("kind") in ("firmware", "option_rom", "data"):
+                # name relative to the data dir: bios.bin, or keymaps/en-us for data files
+                n = a["path"].split("/", 1)[1]
                 sources[n] = (out / a["path"], a["sha256"], a["kind"])
                 recipe_names.append(n)
     except InstallError:

@@ -52,6 +52,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool, Any]]] = {
         "binaries": (_LIST, False, []),
         "firmware": (_LIST, False, []),
         "option_roms": (_LIST, False, []),
+        "data_dirs": (_LIST, False, []),   # whole directories, e.g. pc-bios/keymaps
         "modules": (_LIST, False, []),
     },
     "install": {

@@ -53,6 +53,8 @@ def test_lab_end_to_end_then_noop_check_and_corruption(lab_env, cli):
     assert lock["boot"]["booted"] is True and lock["boot"]["accel"] in ("tcg", "kvm")
     bios = [p for p in lock["installed"] if p.endswith("/bios.bin")]
     assert bios, lock["installed"]
+    # data directories (keymaps, needed by -vnc / -k) land next to the firmware
+    assert any(p.endswith("/keymaps/en-us") for p in lock["installed"]), lock["installed"]
     assert lock["build"]["artifacts"]["bin/qemu-system-x86_64"]
 
     # verify: every step's testinfra checks against this host
