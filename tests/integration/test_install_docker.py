@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from support.build import docker_available, fake_home
+from support.build import container_names, docker_available, fake_home
 from support.install import tree_state
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,9 +36,9 @@ def test_make_install_in_the_builder(tmp_path, monkeypatch):
     dd = tmp_path / "dest"
     before = tree_state(dd)
     client = docker_client()
-    containers_before = {c.id for c in client.containers.list(all=True)}
+    containers_before = set(container_names(client))
     res = inst.install(s, r, "debian12", destdir=str(dd), mode="make-install")
-    assert {c.id for c in client.containers.list(all=True)} == containers_before
+    assert set(container_names(client)) == containers_before
     rel = {Path(x.path).relative_to(dd).as_posix(): x for x in res.rows}
     assert "usr/local/bin/qemu-system-x86_64" in rel and "usr/local/share/qemu/bios.bin" in rel
     q = dd / "usr/local/bin/qemu-system-x86_64"

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from kvmlab import kmodbuild
+from support.build import container_names
 from support.kmod import COMPAT_HEADER, PROBE_C, REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
@@ -221,9 +222,9 @@ def test_ctrl_c_removes_the_container_and_leaves_no_half_tree(tmp_path):
         name = None
         deadline = time.monotonic() + 300
         while name is None and time.monotonic() < deadline and p.poll() is None:
-            for c in client.containers.list(all=True, filters={"label": "io.kvmlab.build"}):
-                if c.name.startswith(prefix) and c.name.endswith(f"-{p.pid}"):
-                    name = c.name
+            for n in container_names(client, label="io.kvmlab.build"):
+                if n.startswith(prefix) and n.endswith(f"-{p.pid}"):
+                    name = n
             time.sleep(0.3)
         assert name, "the build's container never appeared"
         time.sleep(1)
@@ -234,7 +235,7 @@ def test_ctrl_c_removes_the_container_and_leaves_no_half_tree(tmp_path):
             p.kill()
             p.wait()
     assert p.returncode != 0 and "KeyboardInterrupt" in out
-    left = [c.name for c in client.containers.list(all=True) if c.name == name]
+    left = [n for n in container_names(client) if n == name]
     assert left == [], f"container {name} was left behind"
     work = tmp_path / "state/work" / RECIPE
     assert not list(work.glob(".*tmp*")), list(work.glob(".*tmp*"))

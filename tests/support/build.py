@@ -60,7 +60,14 @@ def docker_available() -> str | None:
         return e.message
 
 
-def build_containers(client, name_part: str = "") -> list:
+def container_names(client, **filters) -> list[str]:
+    """Names of the containers (running or not) matching filters, from one list call: no
+    per-container inspect, so a container removed meanwhile cannot make this fail."""
+    return [n.lstrip("/") for c in client.api.containers(all=True, filters=filters or None)
+            for n in c.get("Names") or []]
+
+
+def build_containers(client, name_part: str = "") -> list[str]:
+    """Names of kvmlab build containers whose name contains name_part."""
     from kvmlab.build import LABEL
-    return [c for c in client.containers.list(all=True, filters={"label": LABEL})
-            if name_part in c.name]
+    return [n for n in container_names(client, label=LABEL) if name_part in n]
