@@ -231,9 +231,12 @@ def test_ctrl_c_removes_the_container_and_leaves_no_half_tree(tmp_path):
         p.send_signal(signal.SIGINT)
         out, _ = p.communicate(timeout=120)
     finally:
-        if p.poll() is None:
+        if p.poll() is None:  # the test itself failed: SIGKILL skips the build's own cleanup
             p.kill()
             p.wait()
+            for n in container_names(client, label="io.kvmlab.build"):
+                if n.startswith(prefix) and n.endswith(f"-{p.pid}"):
+                    client.api.remove_container(n, force=True)
     assert p.returncode != 0 and "KeyboardInterrupt" in out
     left = [n for n in container_names(client) if n == name]
     assert left == [], f"container {name} was left behind"
