@@ -22,6 +22,7 @@ import re
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import ui
 from .config import Settings
@@ -49,6 +50,8 @@ LABEL = "io.kvmlab.build"
 TAIL_LINES = 40
 MANIFEST = "manifest.json"
 DEFAULT_TIMEOUT = float(os.environ.get("KVMLAB_BUILD_TIMEOUT", "7200"))
+RUNTIME_DEPS = "runtime_deps"     # manifest key: what the artifacts need at run time
+DEPS_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,186 @@ def read_build_config(bdir: Path) -> dict[str, str | None]:
 
 
 # --------------------------------------------------------------------------------------------
+# runtime dependencies: DT_NEEDED of each ELF artifact -> library file in the builder -> package
+
+def elf_needed(path: Path) -> list[str] | None:
+    """The DT_NEEDED sonames of an ELF file, in order, read through its program headers (the
+    loader's view; works on stripped files). None: not an ELF file; []: static or no dynamic
+    section."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    if data[:4] != b"\x7fELF" or data[4] not in (1, 2) or data[5] not in (1, 2):
+        return None
+    e = "<" if data[5] == 1 else ">"
+    try:
+        if data[4] == 2:   # ELF64
+            phoff, = struct.unpack_from(e + "Q", data, 0x20)
+            phentsize, phnum = struct.unpack_from(e + "HH", data, 0x36)
+            phdr, dyn = e + "IIQQQQQQ", e + "qQ"
+            fields = lambda f: (f[0], f[2], f[3], f[5])  # noqa: E731 - type, offset, vaddr, filesz
+        else:              # ELF32
+            phoff, = struct.unpack_from(e + "I", data, 0x1C)
+            phentsize, phnum = struct.unpack_from(e + "HH", data, 0x2A)
+            phdr, dyn = e + "IIIIIIII", e + "iI"
+            fields = lambda f: (f[0], f[1], f[2], f[4])  # noqa: E731
+        loads, dynamic = [], None
+        for i in range(phnum):
+            p_type, off, vaddr, filesz = fields(struct.unpack_from(phdr, data, phoff + i * phentsize))
+            if p_type == 1:      # PT_LOAD
+                loads.append((vaddr, off, filesz))
+            elif p_type == 2:    # PT_DYNAMIC
+                dynamic = (off, filesz)
+        if dynamic is None:
+            return []
+        needed, strtab = [], None
+        step = struct.calcsize(dyn)
+        for pos in range(dynamic[0], dynamic[0] + dynamic[1] - step + 1, step):
+            tag, val = struct.unpack_from(dyn, data, pos)
+            if tag == 0:         # DT_NULL
+                break
+            if tag == 1:         # DT_NEEDED: offset into the string table
+                needed.append(val)
+            elif tag == 5:       # DT_STRTAB: an address
+                strtab = next((val - va + off for va, off, sz in loads if va <= val < va + sz),
+                              None)
+        if strtab is None:
+            return [] if not needed else None
+        out = []
+        for n in needed:
+            start = strtab + n
+            out.append(data[start:data.index(b"\0", start)].decode("utf-8", "replace"))
+        return out
+    except (struct.error, ValueError, IndexError):
+        return None
+
+
+def deps_script(binaries: list[str]) -> str:
+    """POSIX sh run once in the builder (or on the host for native): ldd of every binary, the
+    real path of each library it resolved, and which package owns it (dpkg -S or rpm -qf). Each
+    section starts with a @@ marker line; parse_deps_output reads it. Library paths are assumed
+    to contain no blanks (they never do in a distribution)."""
+    bins = " ".join(shlex.quote(b) for b in binaries)
+    return "\n".join([
+        "LC_ALL=C; export LC_ALL",
+        f"for b in {bins}; do echo \"@@ldd $b\"; ldd \"$b\" 2>&1; done",
+        f"paths=$(for b in {bins}; do ldd \"$b\" 2>/dev/null; done"
+        " | sed -n 's#^[^/]*=> \\(/[^ ]*\\) (.*#\\1#p' | sort -u)",
+        "cands=''",
+        "echo @@real",
+        "for p in $paths; do",
+        "  r=$(readlink -f \"$p\"); echo \"$p $r\"",
+        "  for q in \"$p\" \"$r\"; do",
+        "    case \"$q\" in /usr/lib*) a=${q#/usr} ;; /lib*) a=/usr$q ;; *) a=$q ;; esac",
+        "    cands=\"$cands $q $a\"",
+        "  done",
+        "done",
+        "if command -v dpkg >/dev/null 2>&1; then",
+        "  echo '@@owners dpkg'; [ -n \"$cands\" ] && dpkg -S $cands 2>/dev/null",
+        "elif command -v rpm >/dev/null 2>&1; then",
+        "  echo '@@owners rpm'",
+        "  for q in $cands; do o=$(rpm -qf --qf '%{NAME}\\n' \"$q\" 2>/dev/null) &&"
+        " echo \"$o: $q\"; done",
+        "else",
+        "  echo '@@owners none'",
+        "fi",
+        "echo @@end",
+        "exit 0",
+    ])
+
+
+def _merged_alt(p: str) -> str:
+    if p.startswith("/usr/lib"):
+        return p[len("/usr"):]
+    if p.startswith("/lib"):
+        return "/usr" + p
+    return p
+
+
+def parse_deps_output(text: str) -> tuple[dict[str, str | None], dict[str, str], str,
+                                          dict[str, str]]:
+    """(soname -> library path ldd resolved, or None when "not found"; path -> real path;
+    package manager; path -> owning package) from deps_script's output."""
+    resolved: dict[str, str | None] = {}
+    real: dict[str, str] = {}
+    owners: dict[str, str] = {}
+    manager, section = "none", ""
+    for line in text.splitlines():
+        if line.startswith("@@"):
+            section = line[2:].split(" ", 1)[0]
+            if section == "owners":
+                manager = line.split()[1] if len(line.split()) > 1 else "none"
+            continue
+        if section == "ldd":
+            m = re.match(r"^\s*(\S+)\s+=>\s+(?:(/\S+)\s+\(|not found)", line)
+            if m and not (m.group(1) in resolved and resolved[m.group(1)]):
+                resolved[m.group(1)] = m.group(2)
+        elif section == "real":
+            parts = line.split()
+            if len(parts) == 2:
+                real[parts[0]] = parts[1]
+        elif section == "owners" and ": /" in line and not line.startswith("diversion "):
+            pkgs, path = line.split(": /", 1)
+            owners.setdefault("/" + path.strip(), pkgs.split(",")[0].strip())
+    return resolved, real, manager, owners
+
+
+def runtime_deps(elves: list[tuple[str, list[str]]], output: str) -> list[dict[str, Any]]:
+    """The manifest's runtime_deps list: one entry per soname any artifact needs.
+
+    elves: (artifact path, its DT_NEEDED) pairs; output: what deps_script printed. Every soname
+    is kept, libc.so.6 included: dropping the C library would hide a target that really lacks it
+    (musl, another arch), and a present library costs the install check nothing. The ELF
+    interpreter (PT_INTERP) is not a DT_NEEDED entry and is not listed."""
+    resolved, real, manager, owners = parse_deps_output(output)
+    by_soname: dict[str, list[str]] = {}
+    for art, needed in elves:
+        for so in needed:
+            by_soname.setdefault(so, []).append(art)
+    out = []
+    for so in sorted(by_soname):
+        path = resolved.get(so)
+        pkg = None
+        if path:
+            r = real.get(path, path)
+            for cand in (path, _merged_alt(path), r, _merged_alt(r)):
+                if cand in owners:
+                    pkg = owners[cand]
+                    break
+        runtime = pkg.split(":", 1)[0] if pkg and manager == "dpkg" else None
+        out.append({"soname": so, "needed_by": sorted(by_soname[so]), "builder_path": path,
+                    "builder_package": pkg, "runtime_package": runtime})
+    return out
+
+
+def _deps_native(bins: list[str], timeout: float) -> str:
+    try:
+        r = subprocess.run(["/bin/sh", "-c", deps_script(bins)], capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BuildError(f"reading the artifacts' runtime dependencies timed out after "
+                         f"{timeout:.0f} s") from None
+    return r.stdout
+
+
+def _deps_container(client: Any, image: str, bdir: Path, bins: list[str], log: Path,
+                    name: str, timeout: float) -> str:
+    sink = _LogSink(log, quiet=True)
+    try:
+        rc = _run_container(client, image, bdir, deps_script(bins),
+                            {"LC_ALL": "C", "PATH": CONTAINER_PATH, "HOME": "/tmp"}, sink, name,
+                            timeout)
+    finally:
+        sink.close()
+    text = log.read_text(errors="replace")
+    if rc != 0 or "@@end" not in text:
+        raise BuildError(f"could not read the artifacts' runtime dependencies in the builder "
+                         f"(exit {rc})", hint=f"see {log}")
+    return text
+
+
+# --------------------------------------------------------------------------------------------
 # no-op check
 
 def _recorded(out: Path) -> dict | None:
@@ -382,9 +565,13 @@ def _copy_tree(src: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def _collect(recipe: Recipe, builder: str, bdir: Path, out: Path,
-             manifest: dict) -> dict:
-    """Copy artifacts into a temp dir next to out/, write the manifest, rename into place."""
+def _collect(recipe: Recipe, builder: str, bdir: Path, out: Path, manifest: dict,
+             deps: Callable[[list[tuple[str, Path, list[str]]]], list[dict]] | None = None
+             ) -> dict:
+    """Copy artifacts into a temp dir next to out/, write the manifest, rename into place.
+
+    deps: given (artifact path, its source in the build tree, DT_NEEDED) for every dynamically
+    linked ELF artifact, returns the manifest's runtime_deps list."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     old: Path | None = None
@@ -431,6 +618,13 @@ def _collect(recipe: Recipe, builder: str, bdir: Path, out: Path,
                              + ", ".join(missing_bins),
                              hint=f"check the recipe's artifacts.binaries against {bdir}")
         manifest = {**manifest, "artifacts": arts}
+        if deps is not None:
+            elves = []
+            for a in arts:
+                needed = elf_needed(tmp / a["path"])
+                if needed:
+                    elves.append((a["path"], bdir / a["source"], needed))
+            manifest[RUNTIME_DEPS] = deps(elves)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         os.chmod(tmp, 0o755)
         if out.exists():
@@ -519,13 +713,13 @@ def _build(settings: Settings, recipe: Recipe, builder: str, *, jobs: int, force
             env_run = {**env, "SOURCE_DATE_EPOCH": str(source_date_epoch(bdir)), "HOME": "/tmp",
                        "LC_ALL": "C"}
             t_run0 = time.monotonic()
+            name = f"kvmlab-build-{re.sub(r'[^A-Za-z0-9_.-]', '-', recipe.name)}-{builder}-" \
+                   f"{os.getpid()}"
             if builder == "native":
                 rc = _run_native(bdir, [with_prefix_map(configure, bdir), make], env_run, sink,
                                  timeout)
             else:
                 env_run.update({"CCACHE_DIR": CCACHE_DIR, "PATH": CONTAINER_PATH})
-                name = f"kvmlab-build-{re.sub(r'[^A-Za-z0-9_.-]', '-', recipe.name)}-{builder}-" \
-                       f"{os.getpid()}"
                 rc = _run_container(client, image_ref, bdir,
                                     _script(with_prefix_map(configure, bdir), make), env_run,
                                     sink, name, timeout)
@@ -551,7 +745,23 @@ def _build(settings: Settings, recipe: Recipe, builder: str, *, jobs: int, force
                 "timings": {"copy": round(t_copy, 3), "run": round(t_run, 3)},
             }
             (bdir / DONE_FILE).write_text(inputs_sha + "\n")
-            manifest = _collect(recipe, builder, bdir, out, manifest)
+
+            def deps(elves: list[tuple[str, Path, list[str]]]) -> list[dict]:
+                """One ldd + dpkg -S/rpm -qf run where the artifacts were linked."""
+                if not elves:
+                    return []
+                t_deps = time.monotonic()
+                bins = [str(src) for _, src, _ in elves]
+                if builder == "native":
+                    text = _deps_native(bins, DEPS_TIMEOUT)
+                else:
+                    text = _deps_container(client, image_ref, bdir, bins,
+                                           settings.work(recipe.name) / f"build-{builder}-deps.log",
+                                           f"{name}-deps", DEPS_TIMEOUT)
+                manifest["timings"]["deps"] = round(time.monotonic() - t_deps, 3)
+                return runtime_deps([(a, n) for a, _, n in elves], text)
+
+            manifest = _collect(recipe, builder, bdir, out, manifest, deps)
     finally:
         if sink is not None and not sink._f.closed:
             sink.close()
