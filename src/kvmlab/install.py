@@ -31,12 +31,15 @@ import errno
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +81,7 @@ class InstallResult:
     rows: list[FileRow]
     noop: bool
     warnings: list[str] = field(default_factory=list)
+    deps_installed: list[str] = field(default_factory=list)  # Debian packages --install-deps added
 
 
 @dataclass
@@ -623,6 +627,189 @@ def _save_manifest(path: Path, m: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# runtime dependencies: the sonames the build recorded (build.RUNTIME_DEPS) against this host
+APT_TIMEOUT = float(os.environ.get("KVMLAB_APT_TIMEOUT", "900"))
+APT_INSTALL = ["apt-get", "install", "-y", "--no-install-recommends"]
+
+
+def _loader_dirs() -> list[str]:
+    """The directories the dynamic loader searches without ld.so.cache (Debian multiarch)."""
+    m = platform.machine()
+    return [f"/lib/{m}-linux-gnu", f"/usr/lib/{m}-linux-gnu", "/lib64", "/usr/lib64", "/lib",
+            "/usr/lib"]
+
+
+def parse_ldconfig(text: str, machine: str | None = None) -> set[str]:
+    """Sonames in `ldconfig -p` output, for this machine's word size (x86-64 entries on
+    x86_64: an i386 libfoo.so.1 does not satisfy a 64-bit binary)."""
+    machine = machine or platform.machine()
+    want = {"x86_64": "x86-64", "aarch64": "AArch64"}.get(machine)
+    out = set()
+    for line in text.splitlines():
+        m = re.match(r"^\s+(\S+)\s+\(([^)]*)\)\s+=>\s+/", line)
+        if m and (want is None or want in m.group(2)):
+            out.add(m.group(1))
+    return out
+
+
+def host_sonames(wanted: Iterable[str]) -> set[str] | None:
+    """Which of wanted the dynamic loader finds on this host: ld.so.cache (`ldconfig -p`) or a
+    file in its default directories. None: no ldconfig here (cannot tell)."""
+    ldconfig = next((p for p in ("/sbin/ldconfig", "/usr/sbin/ldconfig") if os.path.exists(p)),
+                    None)
+    if ldconfig is None:
+        return None
+    try:
+        r = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    have = parse_ldconfig(r.stdout)
+    found = set()
+    for so in wanted:
+        if so in have or any(os.path.exists(os.path.join(d, so)) for d in _loader_dirs()):
+            found.add(so)
+    return found
+
+
+def missing_runtime_deps(bm: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The build's runtime_deps entries whose soname this host lacks; None when the build
+    manifest records none (built by an older kvmlab) or the host cannot be asked."""
+    deps = bm.get("runtime_deps")
+    if not isinstance(deps, list):
+        return None
+    deps = [d for d in deps if isinstance(d, dict) and d.get("soname")]
+    found = host_sonames(d["soname"] for d in deps)
+    if found is None:
+        return None
+    return [d for d in deps if d["soname"] not in found]
+
+
+def apt_command(packages: Iterable[str]) -> list[str]:
+    return APT_INSTALL + sorted(set(packages))
+
+
+def _apt_line(packages: Iterable[str]) -> str:
+    return ("" if os.geteuid() == 0 else "sudo ") + " ".join(apt_command(packages))
+
+
+def _describe_missing(missing: list[dict[str, Any]]) -> str:
+    parts = []
+    for d in missing:
+        if d.get("runtime_package"):
+            parts.append(f"{d['soname']} ({d['runtime_package']})")
+        else:
+            parts.append(f"{d['soname']} (no Debian package known; builder's: "
+                         f"{d.get('builder_package') or 'none'})")
+    return ", ".join(parts)
+
+
+def _run_logged(cmd: list[str], log: Path, timeout: float) -> tuple[int, str]:
+    """Run cmd, its output streamed to the terminal and appended to log; (exit code, last
+    line). The whole process group is killed after timeout (exit code None -> -9)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    last = ""
+    with open(log, "a", encoding="utf-8", errors="replace") as f:
+        f.write("+ " + " ".join(cmd) + "\n")
+        f.flush()
+        try:
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, text=True, errors="replace",
+                                 env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                                 start_new_session=True)
+        except OSError as e:
+            raise InstallError(f"cannot run {cmd[0]}: {e.strerror}",
+                               hint="--install-deps needs apt-get (a Debian host)") from None
+        timed_out = threading.Event()
+        timer = threading.Timer(timeout, lambda: (timed_out.set(), kill_group(p)))
+        timer.daemon = True
+        timer.start()
+        try:
+            assert p.stdout is not None
+            for line in p.stdout:
+                f.write(line)
+                f.flush()
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                if line.strip():
+                    last = line.strip()
+            rc = p.wait(timeout=60)
+        finally:
+            timer.cancel()
+            kill_group(p)
+    if timed_out.is_set():
+        raise InstallError(f"`{' '.join(cmd)}` timed out after {timeout:.0f} s and was stopped",
+                           hint=f"set KVMLAB_APT_TIMEOUT (seconds); its output: {log}")
+    return rc, last
+
+
+def _apt_install(settings: Settings, packages: list[str], timeout: float) -> None:
+    if os.geteuid() != 0:
+        raise InstallError("--install-deps runs apt-get, which needs root; nothing was "
+                           "installed", hint=f"run `{_apt_line(packages)}` first, or run "
+                                             "install with sudo")
+    if shutil.which("apt-get") is None:
+        raise InstallError("--install-deps needs apt-get, and this host has none; nothing was "
+                           "installed", hint="install the packages that provide the missing "
+                                             "libraries with this host's package manager")
+    log = settings.work_dir / "install-deps.log"
+    lists = Path("/var/lib/apt/lists")
+    if not any(lists.glob("*_Packages*")):     # trimmed lists (minimal images): fetch them
+        rc, last = _run_logged(["apt-get", "update"], log, timeout)
+        if rc != 0:
+            raise InstallError(f"`apt-get update` failed (exit {rc}): {last}; nothing was "
+                               "installed", hint=f"check the apt sources; its output: {log}")
+    cmd = apt_command(packages)
+    rc, last = _run_logged(cmd, log, timeout)
+    if rc != 0:
+        raise InstallError(f"`{' '.join(cmd)}` failed (exit {rc}): {last}; nothing was "
+                           "installed", hint=f"its output: {log}")
+
+
+def ensure_runtime_deps(settings: Settings, recipe: Recipe, builder: str, bm: dict[str, Any], *,
+                        install_deps: bool, dry_run: bool, warnings: list[str]) -> list[str]:
+    """Check the build's runtime libraries on this host before anything is copied: refuse with
+    the apt-get line, or (install_deps) install the packages. Returns the packages installed."""
+    missing = missing_runtime_deps(bm)
+    if missing is None:
+        if not isinstance(bm.get("runtime_deps"), list):
+            warnings.append(f"the build of {recipe.name}/{builder} records no runtime "
+                            "dependencies (built by an older kvmlab): libraries not checked; "
+                            f"`invoke build --recipe {recipe.name} --builder {builder} --force` "
+                            "records them")
+        else:
+            warnings.append("no ldconfig on this host: runtime libraries not checked")
+        return []
+    if not missing:
+        return []
+    known = sorted({d["runtime_package"] for d in missing if d.get("runtime_package")})
+    unknown = [d["soname"] for d in missing if not d.get("runtime_package")]
+    n = len(missing)
+    what = f"{n} shared librar{'y' if n == 1 else 'ies'}"
+    if dry_run:
+        warnings.append(f"this host lacks {what} the binaries need: {_describe_missing(missing)}"
+                        + (f"; `{_apt_line(known)}` installs them" if known else ""))
+        return []
+    hint_parts = []
+    if known:
+        hint_parts.append(f"`{_apt_line(known)}`" + ("" if install_deps else
+                                                       " (or run install with --install-deps)"))
+    if unknown:
+        hint_parts.append("find a package for " + ", ".join(unknown) + " with "
+                          "`apt-file search SONAME`")
+    if not install_deps or unknown:
+        raise InstallError(f"this host lacks {what} that the build of {recipe.name}/{builder} "
+                           f"needs: {_describe_missing(missing)}; nothing was installed",
+                           hint="; ".join(hint_parts))
+    _apt_install(settings, known, APT_TIMEOUT)
+    still = missing_runtime_deps(bm) or []
+    if still:
+        raise InstallError(f"apt-get installed {', '.join(known)}, but this host still lacks "
+                           f"{_describe_missing(still)}; nothing was installed",
+                           hint=f"its output: {settings.work_dir / 'install-deps.log'}")
+    return known
+
+
+# ---------------------------------------------------------------------------------------------
 # install
 def binary_path(recipe: Recipe, root: Path, base: str = QEMU_NAME) -> Path:
     """Where binary `base` is installed under root (DESTDIR+PREFIX): bindir/<name>, or
@@ -654,9 +841,11 @@ def _binary_items(recipe: Recipe, out: Path, manifest: dict[str, Any], root: Pat
 def install(settings: Settings, recipe: Recipe | str, builder: str, *,
             prefix: str | None = None,
             destdir: str | None = None, mode: str = "copy", dry_run: bool = False,
-            timeout: float = 900) -> InstallResult:
+            timeout: float = 900, install_deps: bool = False) -> InstallResult:
     """Install the built binaries under DESTDIR/PREFIX (copy, symlink or the tree's own
-    make install)."""
+    make install). First the shared libraries the build recorded (manifest runtime_deps) are
+    checked on this host: missing ones are refused with the apt-get line, or installed with
+    install_deps."""
     if mode not in MODES:
         raise InstallError(f"unknown install mode {mode!r}", hint="one of: " + ", ".join(MODES))
     recipe = _recipe(settings, recipe)
@@ -668,11 +857,15 @@ def install(settings: Settings, recipe: Recipe | str, builder: str, *,
     mpath = manifest_path(settings, destdir, prefix)
     m = _load_manifest(mpath) or _new_manifest(destdir, prefix)
     warnings: list[str] = []
+    deps_installed = ensure_runtime_deps(settings, recipe, builder, bm,
+                                         install_deps=install_deps, dry_run=dry_run,
+                                         warnings=warnings)
     staging: Path | None = None
     try:
         if mode == "make-install":
-            staging, items, warnings = _make_install_items(settings, recipe, builder, bm,
-                                                           prefix, destdir, timeout)
+            staging, items, more = _make_install_items(settings, recipe, builder, bm,
+                                                       prefix, destdir, timeout)
+            warnings += more
         else:
             items = _binary_items(recipe, out, bm, root, mode)
         if not items:
@@ -694,7 +887,8 @@ def install(settings: Settings, recipe: Recipe | str, builder: str, *,
                             f"{root} it finds firmware only next to itself "
                             f"({root}/share/qemu): run `invoke install-bios` with the same "
                             "--prefix/--destdir")
-        return InstallResult(prefix, destdir, root, mode, mpath, rows, noop, warnings)
+        return InstallResult(prefix, destdir, root, mode, mpath, rows, noop, warnings,
+                             deps_installed)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

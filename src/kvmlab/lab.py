@@ -46,6 +46,7 @@ class LabOptions:
     force: bool = False
     skip: tuple[str, ...] = ()
     timeout: float | None = None   # boot-test timeout
+    install_deps: bool = False     # install: apt-get the runtime libraries the host lacks
 
 
 @dataclass
@@ -133,7 +134,8 @@ def _installed_files(manifest_path: Path) -> dict[str, str]:
 
 def _install(c: _Ctx) -> StepOutcome:
     from . import install
-    r = install.install(c.s, c.recipe, c.o.builder, prefix=c.o.prefix, destdir=c.o.destdir)
+    r = install.install(c.s, c.recipe, c.o.builder, prefix=c.o.prefix, destdir=c.o.destdir,
+                        install_deps=c.o.install_deps)
     c.qemu = install.binary_path(c.recipe, Path(r.root))
     return StepOutcome("install", "no-op" if r.noop else "ok",
                        figure=f"{len(r.rows)} file(s) under {r.root}",
@@ -286,6 +288,7 @@ def lock_path(settings: Settings) -> Path:
 def _options_key(opts: LabOptions) -> str:
     d = asdict(opts)
     d.pop("force", None)
+    d.pop("install_deps", None)   # how missing libraries get there does not change the result
     return json_sha256(d)
 
 

@@ -34,15 +34,23 @@ def _out_line(s, rows) -> object:  # noqa: ANN001
             "mode": "copy (default), symlink (to the build output) or make-install (the tree's "
                     "own `make install` in the builder, then copied)",
             "dry-run": "show what would be written, write nothing",
+            "install-deps": "apt-get install the packages that provide shared libraries the "
+                            "build needs and this host lacks (needs root); without it install "
+                            "refuses and prints the apt-get line",
             "no-verify": "skip the testinfra checks after installing"})
 def install(ctx: Context, recipe: str = "", builder: str = "", prefix: str = "",
             destdir: str = "", mode: str = "copy", dry_run: bool = False,
-            no_verify: bool = False) -> None:
-    """Install the built binaries into PREFIX/bin (atomic, backups, install manifest)."""
+            install_deps: bool = False, no_verify: bool = False) -> None:
+    """Install the built binaries into PREFIX/bin (atomic, backups, install manifest).
+
+    Before copying anything, the shared libraries the build recorded are looked up on this host
+    (ld.so.cache and the loader's directories)."""
     from .. import install as inst
     s = settings(ctx, recipe=recipe, builder=builder)
     res = inst.install(s, s.recipe, s.builder, prefix=prefix or None, destdir=destdir or None,
-                       mode=mode, dry_run=dry_run)
+                       mode=mode, dry_run=dry_run, install_deps=install_deps)
+    if res.deps_installed:
+        ui.info("installed runtime packages (apt-get): " + " ".join(res.deps_installed))
     out = _out_line(s, res.rows)
     ui.table(f"install ({res.mode}) into {res.root}",
              ["file", "source", "destination", "sha256", "status"], _rows(res.rows, out))

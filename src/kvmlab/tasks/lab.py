@@ -25,13 +25,14 @@ from ._common import settings, task
     "check": "compare this host with lab.lock.json instead of running the pipeline",
     "force": "redo the cached host-side steps (doctor, boot-test)",
     "timeout": "boot-test timeout in seconds",
+    "install_deps": "let install apt-get the runtime libraries the build needs and the host lacks",
     "no_verify": "skip the testinfra checks at the end",
 })
 def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", hosts: str = "",
         prefix: str = "", destdir: str = "", source: str = "", offline: bool = False,
         jobs: int = 2, guest: str = "tiny", qemu: str = "", skip: str = "",
         resume: bool = False, check: bool = False, force: bool = False, timeout: float = 0,
-        no_verify: bool = False) -> None:
+        install_deps: bool = False, no_verify: bool = False) -> None:
     """The whole pipeline (fetch ... boot-test), recorded in lab.lock.json; --check compares."""
     s = settings(ctx, recipe=recipe, builder=builder)
     if check:
@@ -48,7 +49,7 @@ def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", 
         recipe=s.recipe, builder=s.builder, accel=accel, prefix=prefix or None,
         destdir=destdir or None, source=source or None, offline=offline, jobs=jobs, guest=guest,
         qemu=qemu or None, force=force, skip=tuple(x for x in skip.split(",") if x),
-        timeout=timeout or None)
+        timeout=timeout or None, install_deps=install_deps)
     if hosts:
         from .. import remote
         remote.run_hosts(s, opts, hosts)
