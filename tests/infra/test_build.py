@@ -64,12 +64,47 @@ def test_binaries_are_x86_64_elf(host, manifest, out_dir):
         assert "ELF 64-bit" in desc and "x86-64" in desc, f"{path}: {desc}"
 
 
+def _packages(manifest):
+    """soname -> the Debian package the build recorded for it (None: unknown)."""
+    return {d["soname"]: d.get("runtime_package") for d in manifest.get("runtime_deps") or []
+            if isinstance(d, dict) and d.get("soname")}
+
+
+def missing_libraries_message(path, sonames, packages):
+    """One line: each missing soname with its package, and the apt-get line that installs
+    them."""
+    named = [f"{so} (package {packages[so]})" if packages.get(so) else
+             f"{so} (package unknown; `invoke build --force` records it)" for so in sonames]
+    pkgs = sorted({packages[so] for so in sonames if packages.get(so)})
+    fix = f"; fix: apt-get install -y --no-install-recommends {' '.join(pkgs)}" if pkgs else ""
+    return f"{path}: unresolved libraries: {', '.join(named)}{fix}"
+
+
 def test_shared_libraries_resolve(host, manifest, out_dir):
+    packages = _packages(manifest)
+    bad = []
     for a in _paths(manifest, "binary"):
         path = str(out_dir / a["path"])
         r = host.run("ldd %s", path)
-        missing = [ln.strip() for ln in r.stdout.splitlines() if "not found" in ln]
-        assert not missing, f"{path}: unresolved libraries: {missing}"
+        missing = [ln.split()[0] for ln in r.stdout.splitlines() if "not found" in ln]
+        if missing:
+            bad.append(missing_libraries_message(path, missing, packages))
+    assert not bad, "; ".join(bad)
+
+
+def test_runtime_dependencies_recorded(manifest):
+    deps = manifest.get("runtime_deps")
+    if deps is None:
+        pytest.skip("built by an older kvmlab: no runtime_deps in the manifest "
+                    "(`invoke build --force` records them)")
+    unresolved = [d["soname"] for d in deps if not d.get("builder_path")]
+    assert not unresolved, f"not found in the builder, where the binaries were linked: {unresolved}"
+    unowned = [f"{d['soname']} ({d['builder_path']})" for d in deps
+               if not d.get("builder_package")]
+    assert not unowned, f"no builder package owns: {unowned}"
+    arts = {a["path"] for a in manifest["artifacts"]}
+    for d in deps:
+        assert set(d["needed_by"]) <= arts, f"{d['soname']}: needed_by names unknown artifacts"
 
 
 def test_emulator_prints_its_version(host, out_dir):

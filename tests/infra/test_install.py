@@ -71,6 +71,36 @@ def test_qemu_binaries_answer_version(host, manifests):
         assert r.rc == 0 and "QEMU" in r.stdout, f"{e['path']} -version: {r.stderr.strip()}"
 
 
+def _recorded_packages(m):
+    """soname -> Debian package, from the build manifest of the last install in m."""
+    for inst in reversed(m.get("installs") or []):
+        try:
+            bm = json.loads((Path(inst["build_out"]) / "manifest.json").read_text())
+        except (OSError, ValueError, KeyError):
+            continue
+        return {d["soname"]: d.get("runtime_package") for d in bm.get("runtime_deps") or []
+                if isinstance(d, dict) and d.get("soname")}
+    return {}
+
+
+def test_installed_binaries_find_their_libraries(host, manifests):
+    bad = []
+    for m, e in _binaries(manifests):
+        if e.get("type") == "symlink" or not host.file(e["path"]).exists:
+            continue
+        r = host.run("ldd %s", e["path"])
+        missing = [ln.split()[0] for ln in r.stdout.splitlines() if "not found" in ln]
+        if missing:
+            pk = _recorded_packages(m)
+            named = [f"{so} (package {pk[so]})" if pk.get(so) else f"{so} (package unknown)"
+                     for so in missing]
+            pkgs = sorted({pk[so] for so in missing if pk.get(so)})
+            bad.append(f"{e['path']}: unresolved libraries: {', '.join(named)}" +
+                       (f"; fix: apt-get install -y --no-install-recommends {' '.join(pkgs)}"
+                        if pkgs else ""))
+    assert not bad, "; ".join(bad)
+
+
 def test_binaries_on_path(host, manifests):
     path_dirs = host.environment().get("PATH", "").split(":")
     checked = 0
