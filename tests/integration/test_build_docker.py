@@ -83,6 +83,17 @@ def test_fake_tree_builds_in_debian12_and_rebuild_is_a_noop(fake_env, debian12_i
     for p in [*(out / "bin").iterdir(), Path(m["build_dir"]) / "qemu-img"]:
         assert p.stat().st_uid == os.getuid()
     assert (out / "pc-bios" / "bios.bin").is_file()
+    # runtime dependencies, found in the builder where the binaries were linked
+    deps = {d["soname"]: d for d in m["runtime_deps"]}
+    z = deps["libz.so.1"]
+    assert z["needed_by"] == ["bin/qemu-system-x86_64"], "only the emulator links zlib"
+    assert z["builder_package"] == "zlib1g:amd64" and z["runtime_package"] == "zlib1g"
+    assert z["builder_path"].endswith("/x86_64-linux-gnu/libz.so.1")
+    assert deps["libc.so.6"]["runtime_package"] == "libc6"
+    assert set(deps["libc.so.6"]["needed_by"]) == {f"bin/{n}" for n in
+                                                   ("qemu-system-x86_64", "qemu-img", "qemu-io",
+                                                    "qemu-nbd")}
+    assert "deps" in m["timings"]
     assert not build_containers(docker_client, "fake-qemu"), "build container left behind"
     log = Path(m["log"]).read_text()
     assert "+ make -j2" in log and "x86_64-softmmu/qemu-system-x86_64" in log
