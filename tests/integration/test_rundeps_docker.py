@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 import uuid
 from pathlib import Path
@@ -53,6 +54,7 @@ def target(tmp_path, monkeypatch):
     bundle = tmp_path / "bundle"
     with tarfile.open(fileobj=io.BytesIO(remote.make_bundle(s)), mode="r:gz") as tar:
         tar.extractall(bundle, filter="data")
+    shutil.copytree(REPO / "tests" / "infra", bundle / "tests" / "infra")  # for `verify`
     client = docker_client()
     img = ensure_image(load_settings({"home": str(REPO)}), "labhost", client=client, quiet=True)
     c = client.containers.run(img.ref, ["sleep", "infinity"], detach=True,
@@ -107,3 +109,12 @@ def test_install_on_a_host_without_libpci_refuses_then_installs_it(target):
     # now the host has everything: a second run installs no package
     rc, out, err = _exec(c, cmd + ["--install-deps"], env)
     assert rc == 0 and "installed runtime packages" not in out, out + err
+
+    # the library removed behind kvmlab's back: the install check names the package
+    assert _exec(c, ["dpkg", "-r", "libpci3"])[0] == 0
+    rc, out, err = _exec(c, ["timeout", "300", "python3", "-m", "kvmlab", "verify", "--step",
+                             "install"], env)
+    assert rc != 0
+    flat = " ".join((out + err).split())
+    assert "libpci.so.3 (package libpci3)" in flat, out + err
+    assert f"fix: {APT_LINE}" in flat

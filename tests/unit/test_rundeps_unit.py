@@ -199,3 +199,22 @@ def test_dry_run_reports_the_missing_library_and_old_manifests_still_install(env
     res = inst.install(s, r, "native", prefix=str(tmp / "p"))
     assert any("records no runtime dependencies" in w for w in res.warnings)
     assert (tmp / "p" / "bin" / "qemu-system-x86_64").is_file()
+
+
+def test_lab_stops_at_install_with_the_apt_line(env, cli):
+    """`invoke lab` runs the same check; --install-deps does not change its options key, so a
+    `--resume --install-deps` after this refusal continues from install."""
+    from kvmlab.lab import LabOptions, _options_key
+    s, r, tmp = env
+    _out(s, r, [_dep(MISSING, "kvmlab-test-pkg")])
+    skip = "fetch,patch,images,build,install-bios,load-modules,doctor,create-image,guest,boot-test"
+    p = cli("lab", "--skip", skip, "--prefix", str(tmp / "p"), "--no-verify")
+    assert p.returncode != 0
+    tail = " ".join(p.stderr.split())
+    assert "lab stopped at install: this host lacks 1 shared library" in tail, p.stderr
+    assert "apt-get install -y --no-install-recommends kvmlab-test-pkg" in tail
+    assert not (tmp / "p").exists()
+    assert "--install-deps" in cli("lab", "--help").stdout
+    base = LabOptions(recipe="fake-qemu", builder="native")
+    assert _options_key(base) == _options_key(LabOptions(recipe="fake-qemu", builder="native",
+                                                         install_deps=True))
