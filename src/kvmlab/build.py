@@ -8,6 +8,12 @@ Layout of the output (binding for install and the other steps)::
     out/<recipe>/<builder>/pc-bios/<basename of each artifacts.firmware / option_roms>
     out/<recipe>/<builder>/manifest.json
 
+manifest.json "runtime_deps": one entry per DT_NEEDED soname of the ELF artifacts --
+``{soname, needed_by: [artifact paths], builder_path, builder_package, runtime_package}`` --
+found by one ldd + ``dpkg -S`` (``rpm -qf`` in a centos builder, the host's for native) run
+after the build; runtime_package is the Debian package to install on a Debian host (the dpkg
+owner without its ``:arch``; None for rpm builders). install checks them before copying.
+
 The build tree is kept in ``work/<recipe>/build-<builder>`` (manifest "build_dir") and is mounted
 into the container at the same absolute path, so its Makefiles also work from the host (make
 install). A build whose inputs (recipe, source, patches, image, configure args, cflags, env) hash to
