@@ -219,6 +219,9 @@ class Explanation:
         return asdict(self)
 
 
+_VMX_RESERVED_BITS = 0x07FF0000 | 1 << 30
+
+
 def explain_vmx(code: int) -> Explanation:
     """A full VM-exit reason field (SDM Vol. 3C 25.9.1): bits 15:0 basic reason, bit 27
     enclave mode, bit 28 pending MTF, bit 29 exit from VMX root operation, bit 31 VM-entry
@@ -227,6 +230,18 @@ def explain_vmx(code: int) -> Explanation:
         raise HostError(f"{code:#x} is not a 32-bit VM-exit reason",
                         hint="VMX exit reasons are 32-bit; SVM codes need --kind svm")
     basic = code & 0xFFFF
+    reserved_bits = code & _VMX_RESERVED_BITS
+    if reserved_bits:
+        raise HostError(f"{code:#x} sets reserved bits of the VM-exit reason field "
+                        f"({reserved_bits:#x}; bits 16-26 and 30 are always 0)",
+                        hint="check the value; VMX exit reasons look like 0x30 or 0x80000021")
+    if basic not in VMX_EXIT_REASONS:
+        top = max(VMX_EXIT_REASONS)
+        what = (f"beyond the last one the SDM defines ({top})" if basic > top
+                else "reserved (the SDM assigns it no meaning)")
+        raise HostError(f"VMX basic exit reason {basic} ({basic:#x}) is {what}",
+                        hint=f"VMX basic exit reasons are 0-{top}; an SVM exit code needs "
+                             "--kind svm, a KVM_EXIT_* number --kind kvm-exit")
     details = [f"basic exit reason {basic} ({basic:#x})"]
     entry_failure = bool(code >> 31 & 1)
     if entry_failure:
@@ -237,9 +252,7 @@ def explain_vmx(code: int) -> Explanation:
         details.append("bit 28 set: pending MTF VM exit")
     if code >> 27 & 1:
         details.append("bit 27 set: VM exit from enclave mode")
-    name = VMX_EXIT_REASONS.get(basic)
-    if name is None:
-        name = f"reserved/unknown basic exit reason {basic}"
+    name = VMX_EXIT_REASONS[basic]
     if entry_failure and basic not in (33, 34, 41):
         details.append("unusual: bit 31 is normally set only with reasons 33, 34 and 41")
     meaning = name + (" (the VM entry itself failed; the guest did not run)"
@@ -257,7 +270,9 @@ def explain_svm(code: int) -> Explanation:
         elif 0x00 <= code <= 0x1F:
             name = f"VMEXIT_CR{code & 0xF}_{'WRITE' if code & 0x10 else 'READ'}"
         else:
-            name = f"SVM exit code {code:#x}"
+            raise HostError(f"{code:#x} is not an SVM exit code the APM defines",
+                            hint="check the value (SVM exit codes: 0x0-0x403, -1 "
+                                 "VMEXIT_INVALID); a VMX reason needs --kind vmx")
     steps = ("check the VMCB guest state (EFER.SVME, CR0/CR4, segment attributes); "
              "KVM logs it with kvm_amd.dump_invalid_vmcb=1" if code in (-1, 0xFFFFFFFFFFFFFFFF)
              else "a normal SVM intercept handled by KVM")
@@ -341,12 +356,15 @@ def explain(text: str, kind: str = "auto") -> Explanation:
     for pat, name, meaning, steps in QEMU_MESSAGES:
         if re.search(pat, s, re.I):
             return Explanation("qemu", -1, name, meaning, steps, [f"matched: {pat}"])
-    m = re.search(r"KVM_EXIT_[A-Z0-9_]+", s)
+    m = re.search(r"KVM_EXIT_[A-Z0-9_]+", s, re.I)
     if m:
         by_name = {v: k for k, v in KVM_EXITS.items()}
-        if m.group(0) not in by_name:
-            raise HostError(f"unknown KVM exit name {m.group(0)}")
-        return explain_kvm_exit(by_name[m.group(0)])
+        wanted = m.group(0).upper()
+        if wanted not in by_name:
+            raise HostError(f"unknown KVM exit name {m.group(0)}",
+                            hint="known: " + ", ".join(sorted(by_name)[:6]) + ", ... "
+                                 "(see <linux/kvm.h>)")
+        return explain_kvm_exit(by_name[wanted])
     if re.search(r"emulation failure", s, re.I):
         return explain_suberror(1)
     if re.search(r"[a-z]{3,}", s, re.I) and not re.fullmatch(r"(0x)?[0-9a-f_]+h?", s, re.I):

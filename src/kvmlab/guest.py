@@ -323,11 +323,38 @@ def make_tiny(settings: Settings, force: bool = False) -> Guest:
 
 # ---- linux ----------------------------------------------------------------------------------
 
+def check_kernel(path: Path) -> None:
+    """A bzImage (x86 boot protocol: "HdrS" at 0x202) or an ELF vmlinux; else a clear error."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x206)
+    except OSError as e:
+        raise VMError(f"cannot read kernel {path}: {e.strerror}") from None
+    if head[0x202:0x206] != b"HdrS" and head[:4] != b"\x7fELF":
+        what = "an empty file" if not head else "neither a bzImage nor an ELF vmlinux"
+        raise VMError(f"{path} is not a Linux kernel image ({what})",
+                      hint="pass a bzImage such as /boot/vmlinuz-<release>")
+
+
+def check_iso(path: Path) -> None:
+    """An ISO 9660 image: "CD001" in the primary volume descriptor at 0x8001."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0x8001)
+            magic = f.read(5)
+    except OSError as e:
+        raise VMError(f"cannot read ISO {path}: {e.strerror}") from None
+    if magic != b"CD001":
+        raise VMError(f"{path} is not an ISO 9660 image (no CD001 volume descriptor)",
+                      hint="pass a bootable installer ISO")
+
+
 def find_kernel(kernel: str | Path | None = None) -> Path:
     if kernel:
         p = Path(kernel).expanduser()
         if not p.is_file():
             raise VMError(f"kernel not found: {p}", hint="pass the path of a bzImage")
+        check_kernel(p)
         return p.resolve()
     found = sorted(glob.glob("/boot/vmlinuz-*"), key=_version_key)
     if not found:

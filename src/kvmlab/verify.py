@@ -98,6 +98,24 @@ def _run_pytest(args: list[str], env: dict[str, str]) -> None:
                 os.environ[k] = v
 
 
+# testinfra's connection backends (testinfra.backend.BACKENDS)
+HOST_SCHEMES = ("local", "paramiko", "ssh", "safe-ssh", "docker", "podman", "kubectl",
+                "openshift", "winrm", "lxc", "ansible", "salt")
+
+
+def check_host_spec(spec: str) -> None:
+    """SCHEME://[user@]host with a scheme testinfra knows; else one clear VerifyError."""
+    scheme, sep, rest = spec.partition("://")
+    if not sep:
+        raise VerifyError(f"host {spec!r} has no scheme",
+                          hint="write it as local://, docker://NAME or ssh://user@host")
+    if scheme not in HOST_SCHEMES:
+        raise VerifyError(f"host {spec!r}: unknown scheme {scheme!r}",
+                          hint="testinfra knows " + ", ".join(f"{x}://" for x in HOST_SCHEMES))
+    if scheme != "local" and not rest.split("?")[0].strip("/"):
+        raise VerifyError(f"host {spec!r} names no host", hint=f"e.g. {scheme}://NAME")
+
+
 def run_checks(settings: Settings, steps: list[str], hosts: list[str] | None = None,
                extra_env: dict[str, str] | None = None) -> VerifyReport:
     """Run the checks of the named steps against hosts; never raises on failed checks."""
@@ -107,6 +125,8 @@ def run_checks(settings: Settings, steps: list[str], hosts: list[str] | None = N
             raise VerifyError(f"no checks for step {s!r}",
                               hint="steps with checks: " + ", ".join(known))
     hosts = hosts or ["local://"]
+    for h in hosts:
+        check_host_spec(h)
     env = {
         "KVMLAB_HOME": str(settings.home), "KVMLAB_STATE_DIR": str(settings.state_dir),
         "KVMLAB_CACHE": str(settings.cache), "KVMLAB_LOCK": str(settings.lock),

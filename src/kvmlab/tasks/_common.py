@@ -1,16 +1,82 @@
 """Shared plumbing for the task modules: settings from ctx, error handling, output."""
 from __future__ import annotations
 
+import errno
 import functools
+import inspect
 import logging
 import os
+from pathlib import Path
 from typing import Any, Callable
 
-from invoke import Context, Exit, task as invoke_task
+from invoke import Config, Context, Exit, Task, task as invoke_task
+from invoke.exceptions import ParseError
+from invoke.parser import Argument
 
 from .. import ui
 from ..config import Settings, load_settings
 from ..errors import KvmlabError
+from . import _flags
+
+
+def _checked_runtime_config() -> None:
+    """Make invoke's `-f FILE` fail clearly: a missing file is an error (invoke ignores it), and
+    a malformed one is one error line instead of a YAML/JSON traceback.
+
+    invoke loads the runtime file after this package is imported and offers no hook for it, so
+    its Config loader is wrapped here (only for prefix "runtime"; other config files unchanged).
+    """
+    if getattr(Config._load_file, "_kvmlab_checked", False):
+        return
+    original = Config._load_file
+
+    def load_file(self: Config, prefix: str, absolute: bool = False, merge: bool = True) -> None:
+        if prefix != "runtime":
+            return original(self, prefix, absolute, merge)
+        path = getattr(self, "_runtime_path", None)
+        if path and not os.path.isfile(os.path.expanduser(path)):
+            raise ParseError(f"error: config file {path}: no such file\n"
+                             "hint: check the path given to -f/--config")
+        try:
+            return original(self, prefix, absolute, merge)
+        except ParseError:
+            raise
+        except Exception as e:  # yaml/json/py errors and invoke's UnknownFileType
+            first = " ".join(str(e).split())[:200]
+            raise ParseError(f"error: config file {path} cannot be read: {first}\n"
+                             "hint: fix the file (YAML, JSON or Python with a kvmlab: "
+                             "section), or leave out -f") from None
+
+    load_file._kvmlab_checked = True  # type: ignore[attr-defined]
+    Config._load_file = load_file  # type: ignore[method-assign]
+
+
+_checked_runtime_config()
+
+
+class KvmlabTask(Task):
+    """A task whose typed flags parse through kvmlab.tasks._flags, with --debug on every task."""
+
+    def arg_opts(self, name: str, default: Any, taken_names: set[str]) -> dict[str, Any]:
+        opts = super().arg_opts(name, default, taken_names)
+        ftype = _flags.flag_type(self.name.replace("_", "-"), name)
+        shown = "" if isinstance(default, bool) or not default or \
+            default is inspect.Parameter.empty else f"default {default}"
+        if ftype is not None:
+            opts["kind"] = ftype.kind(name.replace("_", "-").rstrip("-"))
+            what = f"{ftype.metavar}: {ftype.describe}" + (f"; {shown}" if shown else "")
+            opts["help"] = (opts.get("help") or "") + f" ({what})"
+        elif shown:
+            opts["help"] = (opts.get("help") or "") + f" ({shown})"
+        return opts
+
+    def get_arguments(self, ignore_unknown_help: bool | None = None) -> list[Argument]:
+        args = super().get_arguments(ignore_unknown_help)
+        if not any(a.name == "debug" for a in args):
+            # invoke's own --debug counts only before the task name; this one works after it
+            args.append(Argument(names=("debug",), kind=bool, default=False,
+                                 help="show tracebacks and the commands run (KVMLAB_DEBUG=1)"))
+        return args
 
 
 def debug_enabled() -> bool:
@@ -25,7 +91,14 @@ def settings(ctx: Context, **overrides: Any) -> Settings:
         cfg = dict(cfg) if hasattr(cfg, "keys") else {}
     except Exception:  # pragma: no cover - invoke config oddities
         cfg = {}
-    return load_settings(overrides, cfg)
+    s = load_settings(overrides, cfg)
+    if overrides.get("recipe") or overrides.get("builder"):
+        # a recipe or builder named on the command line is checked before anything runs
+        from ..recipe import load_recipe
+        r = load_recipe(s.recipes_dir, s.recipe)
+        if overrides.get("builder"):
+            r.builder(s.builder)
+    return s
 
 
 def task(*args: Any, **kwargs: Any) -> Callable:
@@ -36,7 +109,9 @@ def task(*args: Any, **kwargs: Any) -> Callable:
     """
     def decorate(fn: Callable) -> Any:
         @functools.wraps(fn)
-        def wrapper(ctx: Context, *a: Any, **kw: Any) -> Any:
+        def wrapper(ctx: Context, *a: Any, debug: bool = False, **kw: Any) -> Any:
+            if debug:
+                os.environ["KVMLAB_DEBUG"] = "1"  # also reaches the checks' subprocess
             try:
                 return fn(ctx, *a, **kw)
             except KvmlabError as e:
@@ -44,10 +119,17 @@ def task(*args: Any, **kwargs: Any) -> Callable:
                     raise
                 ui.error(e.message, e.hint)
                 raise Exit(code=e.exit_code) from None
+            except OSError as e:
+                if debug_enabled():
+                    raise
+                message, hint = describe_os_error(e)
+                ui.error(message, hint)
+                raise Exit(code=1) from None
             except KeyboardInterrupt:
                 ui.error("interrupted; cleaned up what this step had started")
                 raise Exit(code=130) from None
         kwargs.setdefault("auto_shortflags", False)  # keep -h for help
+        kwargs.setdefault("klass", KvmlabTask)
         return invoke_task(*args, **kwargs)(wrapper)
 
     if len(args) == 1 and callable(args[0]) and not kwargs:
@@ -55,6 +137,37 @@ def task(*args: Any, **kwargs: Any) -> Callable:
         args = ()
         return decorate(fn)
     return decorate
+
+
+_PATH_SETTINGS = (("state_dir", "KVMLAB_STATE_DIR"), ("cache", "KVMLAB_CACHE"),
+                  ("lock", "KVMLAB_LOCK"))
+
+
+def describe_os_error(e: OSError, s: Settings | None = None) -> tuple[str, str]:
+    """One line for an OSError a user can cause (read-only state dir, a file where a directory
+    should be, ...) and a hint naming the setting that points there."""
+    what = e.filename or "a file"
+    verb = "read" if isinstance(e, (FileNotFoundError, IsADirectoryError)) else "write"
+    reason = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+              errno.EPERM: "operation not permitted", errno.ENOSPC: "no space left on device",
+              errno.ENOTDIR: "a part of the path is a file, not a directory",
+              errno.EISDIR: "it is a directory", errno.ENOENT: "no such file or directory",
+              errno.EEXIST: "it already exists"}.get(e.errno or 0, e.strerror or str(e))
+    hint = "check the path and its permissions"
+    try:
+        s = s or load_settings()
+    except KvmlabError:
+        s = None
+    if s is not None and e.filename:
+        target = Path(str(e.filename)).absolute()
+        for attr, env in _PATH_SETTINGS:
+            base = Path(getattr(s, attr))
+            if target == base or base in target.parents:
+                hint = f"{attr} is {base}: set {env} to a writable directory"
+                if attr == "lock":
+                    hint = f"the lock file is {base}: set {env} to a writable file path"
+                break
+    return f"cannot {verb} {what}: {reason}", hint
 
 
 def run_step_checks(s: Settings, step: str, no_verify: bool = False,

@@ -1,0 +1,364 @@
+"""Typed task flags: one table says what each flag takes, and drives parsing and help.
+
+invoke infers a flag's type from its default (``jobs=2`` -> int) and turns a bad value into a
+Python traceback (``int('abc')``), and its help shows ``INT``/``STRING`` only. Here every typed
+flag gets a *kind* that invoke calls with the raw text: it returns the parsed value or raises
+invoke's ParseError carrying kvmlab's "error: ... / hint: ..." lines, which invoke prints before
+exiting 1 — before the task has started or written anything.
+
+``FLAGS`` maps a flag name to its type; ``TASK_FLAGS`` overrides it for one task where the same
+name means something else there (``--kind`` of guest vs explain-exit).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from invoke.exceptions import ParseError
+
+from ..errors import KvmlabError
+
+
+class FlagValueError(ValueError):
+    """A flag value that its type refuses (message, hint)."""
+
+    def __init__(self, message: str, hint: str):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+@dataclass(frozen=True)
+class FlagType:
+    """What a flag takes: ``metavar`` and ``describe`` go into --help; ``parse`` converts."""
+    metavar: str
+    describe: str
+    parse: Callable[[str], Any]
+    example: str
+
+    def convert(self, flag: str, raw: str) -> Any:
+        try:
+            return self.parse(raw)
+        except FlagValueError as e:
+            raise ParseError(_lines(f"--{flag}: {e.message}", e.hint)) from None
+        except KvmlabError as e:
+            raise ParseError(_lines(f"--{flag}: {e.message}",
+                                    e.hint or f"e.g. --{flag} {self.example}")) from None
+        except ValueError:
+            raise ParseError(_lines(f"--{flag}: {raw!r} is not {self.describe}",
+                                    f"e.g. --{flag} {self.example}")) from None
+
+    def kind(self, flag: str) -> type:
+        """A class invoke can call with the raw text (its Argument.kind)."""
+        ftype = self
+
+        class Kind:
+            def __new__(cls, raw: str) -> Any:  # noqa: D102 - invoke calls kind(raw)
+                return ftype.convert(flag, raw)
+
+        Kind.__name__ = Kind.__qualname__ = self.metavar
+        return Kind
+
+
+def _lines(message: str, hint: str) -> str:
+    # invoke prints a ParseError as is; make it look like every other kvmlab error
+    return f"error: {message}\nhint: {hint}"
+
+
+# --------------------------------------------------------------------------------------------
+# Types
+# --------------------------------------------------------------------------------------------
+
+def integer(lo: int, hi: int, unit: str = "") -> FlagType:
+    what = f"a whole number from {lo} to {hi}" + (f" ({unit})" if unit else "")
+
+    def parse(raw: str) -> int:
+        try:
+            v = int(raw.strip(), 10)
+        except ValueError:
+            raise FlagValueError(f"{raw!r} is not a whole number", f"give {what}") from None
+        if not lo <= v <= hi:
+            raise FlagValueError(f"{v} is out of range", f"give {what}")
+        return v
+    return FlagType("INT", what, parse, str(lo if lo > 0 else 1))
+
+
+def seconds(zero_means_default: bool) -> FlagType:
+    what = "a number of seconds" + (" (0: the default)" if zero_means_default else " > 0")
+
+    def parse(raw: str) -> float:
+        try:
+            v = float(raw.strip())
+        except ValueError:
+            raise FlagValueError(f"{raw!r} is not a number of seconds",
+                                 "give seconds as a number, e.g. 30 or 0.5") from None
+        if math.isnan(v) or math.isinf(v):
+            raise FlagValueError(f"{raw!r} is not a finite number of seconds", f"give {what}")
+        if v < 0 or (v == 0 and not zero_means_default):
+            raise FlagValueError(f"{raw} is not a usable time", f"give {what}")
+        return v
+    return FlagType("SECONDS", what, parse, "30")
+
+
+def choice(*values: str) -> FlagType:
+    what = "one of " + ", ".join(values)
+
+    def parse(raw: str) -> str:
+        if raw not in values:
+            raise FlagValueError(f"{raw!r} is not {what}", f"choose {what}")
+        return raw
+    return FlagType("CHOICE", what, parse, values[0])
+
+
+def choices(*values: str) -> FlagType:
+    """A comma-separated list of values from a fixed set."""
+    what = "a comma-separated list of " + ", ".join(values)
+
+    def parse(raw: str) -> str:
+        items = [x for x in raw.split(",") if x.strip()]
+        bad = [x for x in items if x not in values]
+        if bad or not items:
+            raise FlagValueError(f"{', '.join(map(repr, bad or [raw]))}: not one of "
+                                 + ", ".join(values), f"give {what}")
+        return ",".join(items)
+    return FlagType("LIST", what, parse, values[0])
+
+
+def _expand(raw: str) -> Path:
+    if not raw.strip():
+        raise FlagValueError("an empty path", "give a path")
+    return Path(os.path.expanduser(raw))
+
+
+def _existing(raw: str, want: str) -> str:
+    p = _expand(raw)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise FlagValueError(f"{raw}: no such {'directory' if want == 'dir' else 'file'}",
+                             "check the path") from None
+    except NotADirectoryError:
+        raise FlagValueError(f"{raw}: a part of the path is not a directory",
+                             "check the path") from None
+    except PermissionError:
+        raise FlagValueError(f"{raw}: permission denied", "check the path's permissions") from None
+    import stat as st_mod
+    if want == "file" and not st_mod.S_ISREG(st.st_mode):
+        raise FlagValueError(f"{raw} is not a regular file"
+                             + (" (it is a directory)" if st_mod.S_ISDIR(st.st_mode) else ""),
+                             "give the path of a file")
+    if want == "dir" and not st_mod.S_ISDIR(st.st_mode):
+        raise FlagValueError(f"{raw} is not a directory", "give the path of a directory")
+    if not os.access(p, os.R_OK):
+        raise FlagValueError(f"{raw}: not readable", "check the path's permissions")
+    return raw
+
+
+def existing_file() -> FlagType:
+    return FlagType("FILE", "an existing file", lambda raw: _existing(raw, "file"), "PATH")
+
+
+def existing_dir() -> FlagType:
+    return FlagType("DIR", "an existing directory", lambda raw: _existing(raw, "dir"), "DIR")
+
+
+def existing_path() -> FlagType:
+    return FlagType("PATH", "an existing file or directory",
+                    lambda raw: _existing(raw, "any"), "PATH")
+
+
+def dir_list() -> FlagType:
+    def parse(raw: str) -> str:
+        items = [x for x in raw.split(",") if x.strip()]
+        if not items:
+            raise FlagValueError("no directory given", "give comma-separated directories")
+        for x in items:
+            _existing(x, "dir")
+        return ",".join(items)
+    return FlagType("DIRS", "comma-separated existing directories", parse, "/usr/share/seabios")
+
+
+def program(check: Callable[[str], None] | None = None, example: str = "PATH") -> FlagType:
+    """An executable file, or a command name found on PATH; ``check`` asks it what it is."""
+    def parse(raw: str) -> str:
+        path = _executable(raw)
+        if check is not None:
+            check(path)
+        return path
+    return FlagType("PROGRAM", "an executable", parse, example)
+
+
+def _check_qemu(path: str) -> None:
+    from ..vm import probe_qemu
+    probe_qemu(path)
+
+
+def _check_qemu_img(path: str) -> None:
+    from ..image import qemu_img_version
+    if qemu_img_version(path) == (0, 0):
+        raise FlagValueError(f"{path} is not qemu-img (`{path} --help` names no qemu-img version)",
+                             "give the path of a qemu-img binary")
+
+
+def _check_module(path: str) -> None:
+    from ..kmodbuild import read_modinfo
+    read_modinfo(path)
+
+
+def modules() -> FlagType:
+    def parse(raw: str) -> str:
+        items = [x for x in raw.split(",") if x.strip()]
+        if not items:
+            raise FlagValueError("no module file given", "give comma-separated .ko files")
+        for x in items:
+            _existing(x, "file")
+            _check_module(x)
+        return ",".join(items)
+    return FlagType("FILES", "comma-separated kernel module files (.ko)", parse, "kvm.ko,kvm-amd.ko")
+
+
+def _content(check: Callable[[Path], None], metavar: str, what: str, example: str) -> FlagType:
+    def parse(raw: str) -> str:
+        _existing(raw, "file")
+        check(_expand(raw))
+        return raw
+    return FlagType(metavar, what, parse, example)
+
+
+def _check_kernel(p: Path) -> None:
+    from ..guest import check_kernel
+    check_kernel(p)
+
+
+def _check_iso(p: Path) -> None:
+    from ..guest import check_iso
+    check_iso(p)
+
+
+def kernel_image() -> FlagType:
+    return _content(_check_kernel, "FILE", "a Linux kernel image (bzImage)", "/boot/vmlinuz-6.1.0-26-amd64")
+
+
+def iso_image() -> FlagType:
+    return _content(_check_iso, "FILE", "an ISO 9660 image", "CentOS-6.10-x86_64-minimal.iso")
+
+
+def _executable(raw: str) -> str:
+    if "/" not in raw and raw.strip():
+        found = shutil.which(raw)
+        if not found:
+            raise FlagValueError(f"{raw}: no such command on PATH",
+                                 "give the path of the binary")
+        return found
+    _existing(raw, "file")
+    if not os.access(_expand(raw), os.X_OK):
+        raise FlagValueError(f"{raw} is not executable", "give the path of the binary")
+    return raw
+
+
+def install_root(kind: str) -> FlagType:
+    """--prefix (absolute) / --destdir: a directory path that is not an existing file."""
+    def parse(raw: str) -> str:
+        p = _expand(raw)
+        if kind == "prefix" and not p.is_absolute():
+            raise FlagValueError(f"{raw!r} is not an absolute path",
+                                 "a prefix is absolute, e.g. /usr/local or /opt/qemu-kvm")
+        cur = p
+        while not cur.exists() and cur != cur.parent:
+            cur = cur.parent
+        if not cur.is_dir():
+            raise FlagValueError(f"{cur} is a file, not a directory",
+                                 f"give a directory for --{kind}")
+        return raw
+    return FlagType("ROOT", "a directory (created when missing)", parse,
+                    "/usr/local" if kind == "prefix" else "/tmp/stage")
+
+
+def new_file() -> FlagType:
+    """A file to create: its directory must exist and be writable; not an existing directory."""
+    def parse(raw: str) -> str:
+        p = _expand(raw)
+        if p.is_dir():
+            raise FlagValueError(f"{raw} is a directory", "give the path of the file to create")
+        parent = p.parent if str(p.parent) else Path(".")
+        if not parent.is_dir():
+            raise FlagValueError(f"{parent}: no such directory", "create the directory first")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            why = "read-only file system" if _read_only(parent) else "permission denied"
+            raise FlagValueError(f"cannot write in {parent}: {why}",
+                                 "choose a writable directory")
+        return raw
+    return FlagType("FILE", "a file to create", parse, "disk.qcow2")
+
+
+def _read_only(p: Path) -> bool:
+    try:
+        return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def size() -> FlagType:
+    def parse(raw: str) -> str:
+        from ..image import parse_size
+        if parse_size(raw) <= 0:
+            raise FlagValueError(f"{raw!r} is not a usable size", "e.g. 10G, 512M")
+        return raw
+    return FlagType("SIZE", "a size such as 10G or 512M", parse, "10G")
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+
+def _guest_kinds() -> tuple[str, ...]:
+    from ..guest import KINDS
+    return tuple(KINDS)
+
+
+def _exit_kinds() -> tuple[str, ...]:
+    from ..exits import KINDS
+    return ("auto", *KINDS)
+
+
+FLAGS: dict[str, FlagType] = {
+    "jobs": integer(1, 256, "parallel make jobs"),
+    "memory": integer(16, 1 << 20, "MiB"),
+    "timeout": seconds(zero_means_default=True),
+    "accel": choice("auto", "kvm", "tcg"),
+    "mode": choice("copy", "symlink", "make-install"),
+    "format": choice("qcow2", "raw"),
+    "size": size(),
+    "source": existing_path(),
+    "kernel": kernel_image(),
+    "init": existing_file(),
+    "iso": iso_image(),
+    "disk": existing_file(),
+    "qemu": program(_check_qemu, "/usr/bin/qemu-system-x86_64"),
+    "qemu_img": program(_check_qemu_img, "/usr/bin/qemu-img"),
+    "ko": modules(),
+    "from_": existing_dir(),
+    "firmware_from": dir_list(),
+    "prefix": install_root("prefix"),
+    "destdir": install_root("destdir"),
+    "path": new_file(),
+}
+
+TASK_FLAGS: dict[tuple[str, str], Callable[[], FlagType]] = {
+    ("doctor", "timeout"): lambda: seconds(zero_means_default=False),
+    ("install-bios", "timeout"): lambda: seconds(zero_means_default=False),
+    ("guest", "kind"): lambda: choice(*_guest_kinds()),
+    ("boot-test", "guest"): lambda: choices(*_guest_kinds()),
+    ("lab", "guest"): lambda: choice(*_guest_kinds()),
+    ("explain-exit", "kind"): lambda: choice(*_exit_kinds()),
+    ("uninstall", "step"): lambda: choice("install", "install-bios"),
+    ("lab", "hosts"): existing_file,
+}
+
+
+def flag_type(task: str, name: str) -> FlagType | None:
+    make = TASK_FLAGS.get((task, name))
+    return make() if make else FLAGS.get(name)
