@@ -13,9 +13,9 @@ def ctx_with(tmp_path, text):
 
 def test_order_of_precedence(tmp_path, monkeypatch):
     monkeypatch.delenv("KVMLAB_BUILDER", raising=False)
-    ctx = ctx_with(tmp_path, "kvmlab:\n  builder: native\n  recipe: from-config\n")
+    ctx = ctx_with(tmp_path, "kvmlab:\n  builder: native\n  recipe: qemu-kvm-0.12.1.2-el6\n")
     assert settings(ctx).builder == "native"
-    assert settings(ctx).recipe == "from-config"
+    assert settings(ctx).recipe == "qemu-kvm-0.12.1.2-el6"
     monkeypatch.setenv("KVMLAB_BUILDER", "centos6")
     assert settings(ctx).builder == "centos6"
     assert settings(ctx, builder="debian12").builder == "debian12"
