@@ -2,8 +2,9 @@
 
     python3 bench/boot.py [--repeat N] [--linux-repeat N] [--qemu PATH ...] [--no-linux]
 
-For every qemu found (the distribution's qemu-system-x86_64 and, when present, qemu-kvm 0.12
-builds: kvmlab's installed one, state/out/.../bin, /work/real/*/x86_64-softmmu), in the same run:
+For every qemu found (the distribution's qemu-system-x86_64 as dpkg installed it, and one
+qemu-kvm 0.12 build when present: $KVMLAB_TEST_QEMU_012, kvmlab's installed one, out/.../bin,
+/work/real/*/x86_64-softmmu), in the same run:
 
 1. overhead: ``kvmlab.vm.boot_test()`` wall time vs the *same* qemu command run by hand
    (subprocess, without -S and the monitor, same guest files) until qemu exits. Goal < 1.2x.
@@ -22,7 +23,6 @@ import glob
 import gzip
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -39,22 +39,28 @@ from kvmlab.config import load_settings  # noqa: E402
 
 
 def find_qemus(extra: list[str]) -> list[Path]:
+    """--qemu values; else the distribution's qemu (dpkg: the baseline, never PATH's first hit,
+    which after `invoke lab` is the 0.12 build) and one qemu-kvm 0.12 build."""
     found: list[Path] = [Path(p) for p in extra]
     if not extra:
-        sys_q = shutil.which("qemu-system-x86_64")
+        sys_q = vm.distro_qemu()
         if sys_q:
-            found.append(Path(sys_q))
-        cands = glob.glob("/work/real/*/x86_64-softmmu/qemu-system-x86_64") + \
+            found.append(sys_q)
+        else:
+            print("no distribution qemu (apt-get install qemu-system-x86): no baseline")
+        cands = [os.environ.get("KVMLAB_TEST_QEMU_012", "")] + \
+            glob.glob("/work/real/*/x86_64-softmmu/qemu-system-x86_64") + \
             glob.glob(str(REPO / "state/out/*/*/bin/qemu-system-x86_64")) + \
+            glob.glob(str(REPO / "out/*/*/bin/qemu-system-x86_64")) + \
             glob.glob("/work/main/out/**/qemu-system-x86_64", recursive=True)
         try:
             from kvmlab.install import installed_qemu
             q = installed_qemu(load_settings())
             if q:
-                cands.insert(0, str(q))
+                cands.insert(1, str(q))
         except Exception:  # noqa: BLE001 - install helper absent or nothing installed
             pass
-        for c in cands:
+        for c in filter(None, cands):
             try:
                 qb = vm.probe_qemu(c)
             except Exception:  # noqa: BLE001 - fakes and half builds are not qemu
@@ -164,7 +170,7 @@ def linux_variants(s, qemu: Path, n: int) -> list[tuple[str, float, float]]:
     return out
 
 
-def cli_tiny(n: int) -> tuple[float, float, float]:
+def cli_tiny(n: int, qemu: Path) -> tuple[float, float, float]:
     def t(args: list[str]) -> float:
         xs = []
         for _ in range(n):
@@ -175,8 +181,9 @@ def cli_tiny(n: int) -> tuple[float, float, float]:
             if p.returncode != 0:
                 raise SystemExit(f"invoke {' '.join(args)} failed: {p.stderr}")
         return med(xs)
-    return (t(["--list"]), t(["boot-test", "--guest", "tiny", "--accel", "tcg", "--no-verify"]),
-            t(["boot-test", "--guest", "tiny", "--no-verify"]))
+    q = ["--qemu", str(qemu)]  # explicit: the default would be PATH's first qemu
+    return (t(["--list"]), t(["boot-test", *q, "--guest", "tiny", "--accel", "tcg", "--no-verify"]),
+            t(["boot-test", *q, "--guest", "tiny", "--no-verify"]))
 
 
 def main() -> None:
@@ -204,8 +211,10 @@ def main() -> None:
                 print(f"{qb.version[:28]:<28} {g:<6} {o['tool']:8.2f} {o['hand']:8.2f} "
                       f"{o['ratio']:6.2f} {o['marker_tool']:13.2f} {o['marker_hand']:13.2f} "
                       f"{o['uptime']:7.2f}", flush=True)
-        print("\n== tiny guest end to end through the CLI (median of 3) ==")
-        lst, tcg, auto = cli_tiny(3)
+        if not qemus:
+            raise SystemExit("no qemu to measure: apt-get install qemu-system-x86 or pass --qemu")
+        print(f"\n== tiny guest end to end through the CLI (median of 3, {qemus[0]}) ==")
+        lst, tcg, auto = cli_tiny(3, qemus[0])
         print(f"python3 -m invoke --list                          {lst:6.2f} s  (start-up baseline)")
         print(f"invoke boot-test --guest tiny --accel tcg --no-verify {tcg:6.2f} s")
         print(f"invoke boot-test --guest tiny --no-verify (auto)  {auto:6.2f} s  (+ KVM probe)")

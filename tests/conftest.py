@@ -41,3 +41,41 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None,
 def cli():
     """Call as cli("fetch", "--recipe", "x"); uses the current os.environ (monkeypatched)."""
     return run_cli
+
+
+# --- the qemu binaries tests use: explicit, never PATH's first hit (see support/qemu012.py) ---
+
+@pytest.fixture(scope="session")
+def distro_qemu() -> Path:
+    """Debian's qemu-system-x86_64 (dpkg says which file), whatever /usr/local/bin holds."""
+    from kvmlab.vm import distro_qemu as find
+    q = find()
+    if q is None:
+        pytest.skip("qemu-system-x86 is not installed (apt-get install qemu-system-x86; "
+                    ".ci/setup does)")
+    return q
+
+
+@pytest.fixture(scope="session")
+def distro_qemu_img() -> Path:
+    """Debian's qemu-img (package qemu-utils)."""
+    from kvmlab.vm import distro_qemu_img as find
+    q = find()
+    if q is None:
+        pytest.skip("qemu-utils is not installed (apt-get install qemu-utils; .ci/setup does)")
+    return q
+
+
+@pytest.fixture(scope="session")
+def qemu_012(tmp_path_factory):
+    """A qemu-kvm 0.12 build (support.qemu012.Qemu012): $KVMLAB_TEST_QEMU_012, else built by
+    kvmlab from the release tarball in a temporary state dir. Skips only when there is neither
+    such a tarball nor a docker daemon to build it in; a failing build fails the test."""
+    from support import qemu012
+    found = qemu012.from_env()
+    if found:
+        return found
+    why = qemu012.unavailable_reason()
+    if why:
+        pytest.skip(why)
+    return qemu012.build(qemu012.find_tarball(), tmp_path_factory.mktemp("qemu012"))

@@ -69,7 +69,8 @@ def human_size(n: int) -> str:
 
 def find_qemu_img(settings: Settings | None = None, qemu_img: str | Path | None = None,
                   near: str | Path | None = None) -> Path:
-    """The qemu-img to use: explicit > next to ``near`` (a qemu binary) > installed > PATH."""
+    """The qemu-img to use: explicit > next to ``near`` (a qemu binary) > installed > PATH >
+    the distribution's (qemu-utils, when PATH has none)."""
     if qemu_img:
         p = Path(qemu_img)
         if not p.exists():
@@ -96,7 +97,11 @@ def find_qemu_img(settings: Settings | None = None, qemu_img: str | Path | None 
     found = shutil.which("qemu-img")
     if found:
         return Path(found)
-    raise ImageError("qemu-img not found (no installed build, not on PATH)",
+    from .vm import distro_qemu_img
+    distro = distro_qemu_img()
+    if distro:
+        return distro
+    raise ImageError("qemu-img not found (no installed build, not on PATH, no qemu-utils)",
                      hint="run `invoke install`, install Debian's qemu-utils, or pass --qemu-img")
 
 
@@ -144,10 +149,16 @@ def image_info(path: str | Path, qemu_img: str | Path | None = None) -> ImageInf
     r = _run([qi, "info", str(path)])
     if r.returncode != 0:
         raise ImageError(f"qemu-img info {path} failed: {(r.stderr or r.stdout).strip()[:300]}")
-    fmt, size = parse_info_text(r.stdout)
-    cm = re.search(r"^\s*compat:\s*(\S+)", r.stdout, re.MULTILINE)
+    return parse_info(r.stdout, path)
+
+
+def parse_info(text: str, path: str | Path) -> ImageInfo:
+    """ImageInfo from `qemu-img info PATH` text output, of any qemu-img from 0.12 on (the checks
+    of create-image / boot-test read the image this way with the qemu-img that made it)."""
+    fmt, size = parse_info_text(text)
+    cm = re.search(r"^\s*compat:\s*(\S+)", text, re.MULTILINE)
     # 0.12's qemu-img knows only qcow2 v2 and prints no compat line
-    return ImageInfo(path, fmt, size, cm.group(1) if cm else ("0.10" if fmt == "qcow2" else ""))
+    return ImageInfo(Path(path), fmt, size, cm.group(1) if cm else ("0.10" if fmt == "qcow2" else ""))
 
 
 def qcow2_version(path: str | Path) -> int | None:

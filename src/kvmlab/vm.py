@@ -190,8 +190,52 @@ def probe_qemu(path: str | Path, timeout: float = 15, cache_dir: Path | None = N
     return qb
 
 
+# The distribution's own binaries: the files its packages installed (dpkg says which), never
+# PATH's first hit, which is whatever was installed last into /usr/local/bin (e.g. a qemu-kvm 0.12
+# build by kvmlab itself).
+DISTRO_PACKAGES: dict[str, tuple[str, ...]] = {
+    "qemu-system-x86_64": ("qemu-system-x86",),   # Debian >= 9 (before: qemu-kvm, qemu-system)
+    "qemu-img": ("qemu-utils",),
+}
+DPKG_TIMEOUT = 20
+
+
+def distro_binary(name: str, packages: tuple[str, ...] | None = None) -> Path | None:
+    """``name`` as installed by the distribution's package (``dpkg-query -L PACKAGE``).
+
+    None when the package is not installed, has no such file (removed, config files only) or
+    there is no dpkg on this host.
+    """
+    dpkg_query = "/usr/bin/dpkg-query" if os.path.exists("/usr/bin/dpkg-query") else "dpkg-query"
+    for pkg in packages if packages is not None else DISTRO_PACKAGES.get(name, ()):
+        try:
+            r = subprocess.run([dpkg_query, "-L", pkg], capture_output=True, text=True,
+                               stdin=subprocess.DEVNULL, timeout=DPKG_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if r.returncode != 0:
+            continue
+        for line in r.stdout.splitlines():
+            p = Path(line.strip())
+            if p.name == name and p.parent.name in ("bin", "sbin") and p.is_file() \
+                    and os.access(p, os.X_OK):
+                return p
+    return None
+
+
+def distro_qemu() -> Path | None:
+    """Debian's qemu-system-x86_64 (package qemu-system-x86), or None when not installed."""
+    return distro_binary("qemu-system-x86_64")
+
+
+def distro_qemu_img() -> Path | None:
+    """Debian's qemu-img (package qemu-utils), or None when not installed."""
+    return distro_binary("qemu-img")
+
+
 def default_qemu(settings: Settings | None) -> Path:
-    """--qemu flag > the installed build (kvmlab.install.installed_qemu) > qemu on PATH."""
+    """--qemu flag > the installed build (kvmlab.install.installed_qemu) > qemu on PATH >
+    the distribution's package (when PATH has none)."""
     if settings is not None:
         try:
             from .install import installed_qemu  # owned by helper "install"; optional here
@@ -201,10 +245,13 @@ def default_qemu(settings: Settings | None) -> Path:
         except (ImportError, KvmlabError, OSError, ValueError):
             pass  # nothing installed (or no install manifest readable): fall back to PATH
     found = shutil.which("qemu-system-x86_64")
-    if not found:
-        raise VMError("no qemu-system-x86_64: none installed by kvmlab and none on PATH",
-                      hint="run `invoke install`, apt-get install qemu-system-x86, or pass --qemu")
-    return Path(found)
+    if found:
+        return Path(found)
+    distro = distro_qemu()
+    if distro:
+        return distro
+    raise VMError("no qemu-system-x86_64: none installed by kvmlab, none on PATH, no qemu-system-x86 "
+                  "package", hint="run `invoke install`, apt-get install qemu-system-x86, or pass --qemu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,6 +382,7 @@ class BootResult:
     disk: Path | None = None
     disk_size: int | None = None
     disk_format: str = ""
+    disk_qemu_img: str = ""       # the qemu-img that made or read the disk (its checks use it)
     powered_off: bool = False     # qemu exited by itself after the marker
     evidence: str = ""            # user ISO: what showed that the boot loader ran
 
@@ -465,7 +513,8 @@ def loader_in_memory(mem: bytes, head: bytes) -> bool:
 # --------------------------------------------------------------------------------------------
 
 def _prepare_disk(settings: Settings, qb: QemuBinary, run_dir: Path,
-                  disk: str | Path | None) -> tuple[Path, str, int]:
+                  disk: str | Path | None) -> tuple[Path, str, int, Path]:
+    """(disk, format, virtual size, the qemu-img that read or made it)."""
     from . import image
     if disk:
         d = Path(disk).expanduser().resolve()
@@ -480,7 +529,7 @@ def _prepare_disk(settings: Settings, qb: QemuBinary, run_dir: Path,
         if qv is not None and info.format != "qcow2":
             raise VMError(f"{d} is qcow2 but {qi} says {info.format}",
                           hint="refusing to attach a qcow2 file as a raw disk")
-        return d, info.format, info.virtual_size
+        return d, info.format, info.virtual_size, qi
     d = run_dir / "disk.qcow2"
     qi = image.find_qemu_img(None, near=qb.path)
     # qcow2 v3 (the default since qemu-img 1.1... made default in 2.x) cannot be opened by old
@@ -491,7 +540,7 @@ def _prepare_disk(settings: Settings, qb: QemuBinary, run_dir: Path,
                                  options=["compat=0.10"] if old else None)
     except ImageError as e:
         raise VMError(f"cannot create the run's disk image: {e.message}", hint=e.hint) from None
-    return res.path, res.format, res.virtual_size
+    return res.path, res.format, res.virtual_size, res.qemu_img
 
 
 def boot_test(settings: Settings, *, qemu: str | Path | None = None, accel: str = "auto",
@@ -560,12 +609,14 @@ def _boot_test(settings: Settings, *, qemu: str | Path | None, accel: str, guest
             guest_mod.patch_nonce(g.disk, boot_disk, nonce)
             cmd += ["-drive", f"file={boot_disk},if=ide,index=0,media=disk,format=raw", "-boot", "c"]
             if disk:
-                d, fmt, size = _prepare_disk(settings, qb, run_dir, disk)
+                d, fmt, size, qi = _prepare_disk(settings, qb, run_dir, disk)
                 cmd += ["-drive", f"file={d},if=ide,index=1,media=disk,format={fmt}"]
                 result.disk, result.disk_format, result.disk_size = d, fmt, size
+                result.disk_qemu_img = str(qi)
         else:
-            d, fmt, size = _prepare_disk(settings, qb, run_dir, disk)
+            d, fmt, size, qi = _prepare_disk(settings, qb, run_dir, disk)
             result.disk, result.disk_format, result.disk_size = d, fmt, size
+            result.disk_qemu_img = str(qi)
             cmd += ["-drive", f"file={d},if=ide,index=0,media=disk,format={fmt}"]
             if kind == "linux":
                 g = guest_mod.make_linux(settings, kernel, init_script)

@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from kvmlab.vm import distro_qemu as _distro_qemu
 from support.install import make_fake_build, make_home, tree_state
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this host")
 
-SYS_QEMU = shutil.which("qemu-system-x86_64")
+# the package's own binary (dpkg), not PATH's first hit (after `invoke lab`: 0.12 in /usr/local)
+SYS_QEMU = _distro_qemu()
 DIST_FW = [d for d in ("/usr/share/seabios", "/usr/share/qemu", "/usr/lib/ipxe/qemu")
            if os.path.isdir(d)]
 
@@ -377,7 +379,7 @@ def test_installed_qemu_prefers_a_real_install(env, tmp_path):
 
 @pytest.mark.qemu
 @pytest.mark.skipif(SYS_QEMU is None or not DIST_FW,
-                    reason="no distribution qemu-system-x86_64 (apt-get install qemu-system-x86)")
+                    reason="Debian's qemu-system-x86 is not installed (apt-get install qemu-system-x86)")
 def test_distribution_qemu_search_path_and_install_bios(env, tmp_path):
     """Debian's qemu 7.2 copied into a prefix: several data dirs (`-L help`), other names."""
     from kvmlab import install as inst

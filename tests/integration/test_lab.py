@@ -4,15 +4,18 @@ binary cannot boot anything), lock file, --check, verify, repro-check."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
+from kvmlab.vm import distro_qemu
 from support.fakeqemu import make_fake_home, make_fake_qemu_tarball
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
-DISTRO_QEMU = shutil.which("qemu-system-x86_64")
+# Debian's qemu-system-x86_64 as dpkg installed it: PATH's first hit is whatever the last
+# `invoke lab` put into /usr/local/bin (qemu-kvm 0.12, which these tests must not depend on)
+_Q = distro_qemu()
+DISTRO_QEMU = str(_Q) if _Q else None
 
 
 def _docker_up() -> bool:
@@ -30,7 +33,7 @@ def lab_env(kvmlab_env, tmp_path, monkeypatch):
     if not _docker_up():
         pytest.skip("dockerd is not running (CI starts it in .ci/setup)")
     if not DISTRO_QEMU:
-        pytest.skip("qemu-system-x86_64 not installed (CI installs qemu-system-x86)")
+        pytest.skip("Debian's qemu-system-x86 is not installed (CI installs it)")
     tarball = make_fake_qemu_tarball(tmp_path / "dist")
     env = make_fake_home(tmp_path / "home", tarball=tarball)
     for k, v in env.items():

@@ -1,5 +1,9 @@
 """Real boots with the distribution's qemu (qemu-system-x86 from Debian, installed by .ci/setup).
 
+"The distribution's qemu" is the file the Debian package installed (dpkg says which), not PATH's
+first qemu-system-x86_64: after `invoke lab` that is the qemu-kvm 0.12 build in /usr/local/bin.
+Tests that need a 0.12 build take it from the ``qemu_012`` fixture (tests/conftest.py).
+
 Everything runs under the real host's conditions: the KVM expectations are derived from
 kvmlab.host.probe_kvm()'s real answer, never assumed.
 """
@@ -20,10 +24,13 @@ from kvmlab import guest as guest_mod
 from kvmlab import vm
 from kvmlab.errors import VMError
 
-QEMU = shutil.which("qemu-system-x86_64")
+_DISTRO_QEMU = vm.distro_qemu()
+QEMU = str(_DISTRO_QEMU) if _DISTRO_QEMU else None
+QEMU_IMG = vm.distro_qemu_img()
 pytestmark = [pytest.mark.qemu,
-              pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed "
-                                 "(apt-get install qemu-system-x86; .ci/setup does)")]
+              pytest.mark.skipif(QEMU is None or QEMU_IMG is None,
+                                 reason="Debian's qemu-system-x86 / qemu-utils not installed "
+                                 "(apt-get install qemu-system-x86 qemu-utils; .ci/setup does)")]
 REPO = Path(__file__).resolve().parents[2]
 
 SLEEPING_INIT = """#!/bin/sh
@@ -132,16 +139,56 @@ def test_existing_image_refused_without_force(kvmlab_env, cli, tmp_path):
     img = tmp_path / "vm.img"
     img.write_bytes(b"precious data")
     before = img.stat().st_mtime_ns
-    p = cli("create-image", str(img), "--size", "1G", "--no-verify")
+    p = cli("create-image", str(img), "--size", "1G", "--qemu-img", str(QEMU_IMG), "--no-verify")
     assert p.returncode == 1 and "already exists" in p.stderr and "--force" in p.stderr
     assert img.read_bytes() == b"precious data" and img.stat().st_mtime_ns == before
-    p = cli("create-image", str(img), "--size", "1G", "--force")
+    p = cli("create-image", str(img), "--size", "1G", "--qemu-img", str(QEMU_IMG), "--force")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "verified boot" in p.stdout
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(img)],
-                                     capture_output=True, text=True, check=True).stdout)
+    info = json.loads(subprocess.run([str(QEMU_IMG), "info", "--output=json", str(img)],
+                                     capture_output=True, text=True, check=True,
+                                     timeout=60).stdout)
     assert info["format"] == "qcow2" and info["virtual-size"] == 1 << 30
     assert not [f for f in tmp_path.iterdir() if "kvmlab-tmp" in f.name]
+
+
+# What PATH's first qemu-img says when it cannot read the image it is asked about: qemu-kvm
+# 0.12's qemu-img probes a qcow2 v3 image as raw (and has no --output=json).
+WRONG_QEMU_IMG = """#!/bin/sh
+echo "image: $3"
+echo "file format: raw"
+echo "virtual size: 512 (512 bytes)"
+"""
+
+
+def _path_with_wrong_qemu_img(tmp_path: Path) -> dict[str, str]:
+    d = tmp_path / "path-first"
+    d.mkdir()
+    (d / "qemu-img").write_text(WRONG_QEMU_IMG)
+    (d / "qemu-img").chmod(0o755)
+    return {"PATH": f"{d}:{os.environ.get('PATH', '')}"}
+
+
+def test_checks_read_the_image_with_the_recorded_qemu_img_not_path(kvmlab_env, cli, tmp_path):
+    """create-image and boot-test record which qemu-img made / read the disk; their checks use
+    it, so a different qemu-img first on PATH changes nothing."""
+    env = _path_with_wrong_qemu_img(tmp_path)
+    img = tmp_path / "disk.qcow2"
+    p = cli("create-image", str(img), "--size", "64M", "--qemu-img", str(QEMU_IMG), env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "verified boot" in p.stdout and "failed" not in p.stdout
+    p = cli("boot-test", "--qemu", QEMU, "--accel", "tcg", "--guest", "tiny", "--disk", str(img),
+            env=env, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "verified boot" in p.stdout and "failed" not in p.stdout
+    last = json.loads((kvmlab_env.state_dir / "vm" / "last-boot.json").read_text())[0]
+    assert last["disk"] == str(img) and last["disk_qemu_img"] == str(QEMU_IMG)
+    # the check really reads the disk: the same record with PATH's qemu-img named in it fails
+    last["disk_qemu_img"] = str(tmp_path / "path-first" / "qemu-img")
+    bad = tmp_path / "bad-record.json"
+    bad.write_text(json.dumps([last]))
+    v = cli("verify", "--step", "boot", env={**env, "KVMLAB_VERIFY_RESULTS": str(bad)})
+    assert v.returncode != 0 and "test_disk_image_valid" in v.stdout, v.stdout + v.stderr
 
 
 def test_missing_or_non_qemu_binary_is_a_clear_error(kvmlab_env, cli, tmp_path):
@@ -243,34 +290,31 @@ def test_user_iso_with_graphical_isolinux_menu(kvmlab_env, cli, tmp_path):
     assert p.returncode == 1 and "not a BIOS-bootable CD image" in p.stderr
 
 
-def _qemu_012() -> str | None:
-    """A qemu-kvm 0.12 build: $KVMLAB_TEST_QEMU_012, else the one kvmlab installed (if any)."""
-    cands = [os.environ.get("KVMLAB_TEST_QEMU_012", "")]
-    try:
-        from kvmlab.config import load_settings
-        from kvmlab.install import installed_qemu
-        cands.append(str(installed_qemu(load_settings()) or ""))
-    except Exception:  # noqa: BLE001 - nothing installed / no manifests
-        pass
-    for c in filter(None, cands):
-        try:
-            if vm.probe_qemu(c).version_tuple < (1, 0, 0):
-                return c
-        except VMError:
-            continue
-    return None
-
-
-QEMU_012 = _qemu_012()
-
-
-@pytest.mark.skipif(QEMU_012 is None, reason="no qemu-kvm 0.12 build (set KVMLAB_TEST_QEMU_012 "
-                    "or `invoke install` it)")
-def test_tiny_and_linux_boot_with_qemu_kvm_012(kvmlab_env):
-    r = vm.boot_test(kvmlab_env, qemu=QEMU_012, accel="tcg", guest="tiny")
+@pytest.mark.slow
+@pytest.mark.docker
+def test_tiny_and_linux_boot_with_qemu_kvm_012(kvmlab_env, qemu_012):
+    r = vm.boot_test(kvmlab_env, qemu=qemu_012.qemu, accel="tcg", guest="tiny")
     assert_booted(r)
     assert "-no-kvm" in r.command and "-nographic" in r.command
     assert r.qemu_version.startswith("0.12")
-    r = vm.boot_test(kvmlab_env, qemu=QEMU_012, accel="tcg", guest="linux")
+    r = vm.boot_test(kvmlab_env, qemu=qemu_012.qemu, accel="tcg", guest="linux")
     assert_booted(r)
     assert r.disk_format == "qcow2"  # made with compat=0.10 when a newer qemu-img made it
+    assert r.disk_qemu_img == str(qemu_012.qemu_img)  # the build's own, next to its qemu
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_create_image_and_boot_test_checks_pass_with_qemu_kvm_012_tools(kvmlab_env, cli,
+                                                                         qemu_012, tmp_path):
+    """The issue-12 case: 0.12's qemu-img (no --output=json) made the image; its checks pass."""
+    img = tmp_path / "012.qcow2"
+    p = cli("create-image", str(img), "--size", "256M", "--qemu-img", str(qemu_012.qemu_img))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "verified boot" in p.stdout and "failed" not in p.stdout
+    p = cli("boot-test", "--qemu", str(qemu_012.qemu), "--accel", "tcg", "--guest", "tiny",
+            "--disk", str(img), timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "verified boot" in p.stdout and "failed" not in p.stdout
+    last = json.loads((kvmlab_env.state_dir / "vm" / "last-boot.json").read_text())[0]
+    assert last["qemu_version"].startswith("0.12") and last["disk_format"] == "qcow2"

@@ -27,7 +27,8 @@ def create_image(ctx: Context, path: str, size: str = "10G", format: str = "qcow
                r.qemu_img, "ok")])
     run_step_checks(s, "boot", no_verify, extra_env={
         "KVMLAB_VERIFY_IMAGE": str(r.path), "KVMLAB_VERIFY_IMAGE_SIZE": str(r.virtual_size),
-        "KVMLAB_VERIFY_IMAGE_FORMAT": r.format, "KVMLAB_VERIFY_RESULTS": ""})
+        "KVMLAB_VERIFY_IMAGE_FORMAT": r.format, "KVMLAB_VERIFY_IMAGE_QEMU_IMG": str(r.qemu_img),
+        "KVMLAB_VERIFY_RESULTS": ""})
 
 
 @task(help={"kind": "tiny, linux or iso (default: all three)",
@@ -127,5 +128,7 @@ def boot_test(ctx: Context, qemu: str = "", accel: str = "auto", guest: str = ""
         print(r.serial_tail(), flush=True)
         raise VMError(f"{r.guest} guest did not boot: {r.failure}",
                       hint=f"serial log kept in {r.serial_log}; command in {r.run_dir}/command.txt")
+    # the record names the qemu-img of each run's disk (disk_qemu_img): the checks use that one
     run_step_checks(s, "boot", no_verify, extra_env={"KVMLAB_VERIFY_RESULTS": str(last),
-                                                      "KVMLAB_VERIFY_IMAGE": ""})
+                                                      "KVMLAB_VERIFY_IMAGE": "",
+                                                      "KVMLAB_VERIFY_IMAGE_QEMU_IMG": ""})
