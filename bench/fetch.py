@@ -2,11 +2,11 @@
 
     python3 bench/fetch.py [--mb 200] [--rounds 6] [--only throughput|stall]
 
-throughput: the server (tests/support/httpserver.py, sendfile) runs in a child process so it does not share
-the GIL with kvmlab's client. Both clients write the file to the same directory; kvmlab also
-verifies it (pinned sha256, hashed while streaming) and moves it into the cache. Dirty pages are
-synced (untimed) before each run and the order alternates. Prints best and median throughput and
-the ratio kvmlab/curl (goal >= 0.9).
+throughput: the server (tests/support/httpserver.py, sendfile) runs in a child process so it
+does not share the GIL with kvmlab's client. Both clients write the file to the same directory;
+kvmlab also verifies it (pinned sha256, hashed while streaming) and moves it into the cache.
+Dirty pages are synced (untimed) before each run and the order alternates. Prints best and
+median throughput and the ratio kvmlab/curl (goal >= 0.9).
 
 stall: with the default FetchOptions, a recipe whose first mirror sends 10 bytes of the body and
 then nothing, the second a healthy mirror. Measured: the time from the start of the fetch until

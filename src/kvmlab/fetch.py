@@ -400,7 +400,7 @@ def _store(settings: Settings, recipe: Recipe, part: _Part, url: str, expected: 
         mixed = f" (its bytes came from {', then '.join(origins)})" if len(origins) > 1 else ""
         raise ChecksumError(
             f"sha256 mismatch for {recipe.source.file} from {local or url}: expected {expected} "
-            f"({check}), got {got}{mixed}; the downloaded copy was deleted, nothing was cached",
+            f"({check}), got {got}{mixed}; the fetched copy was deleted, nothing was cached",
             hint="a corrupt or truncated mirror, a different release under the same name, or "
                  "tampering. " + (
                      f"If the recipe's pin is wrong, fix source.sha256 in {recipe.path} "
@@ -461,12 +461,12 @@ def _local_source(source: str | Path, recipe: Recipe) -> tuple[Path, bool]:
                          hint="check its permissions (and those of its parent directories)")
     try:
         if stat.S_ISDIR(st.st_mode):
-            check_tree(p, recipe)
+            check_tree(p, recipe, name=str(source))
             return p, True
-        check_archive(p, recipe)
+        check_archive(p, recipe, name=str(source))
     except UnpackError as e:
         # an UnpackError stays one: the archive/tree is what is wrong, not the fetching
-        raise UnpackError(f"--source {source}: {e.message}", hint=e.hint or hint) from None
+        raise UnpackError(f"--source {e.message}", hint=e.hint or hint) from None
     return p, False
 
 

@@ -112,17 +112,18 @@ def extract(path: Path, kind: str, tree: Path, strip: int = 1) -> None:
 # -- validation of local sources and first downloads (before anything is locked) ----------------
 
 ARCHIVES = "tar, tar.gz, tar.bz2, tar.xz or .src.rpm"
+Markers = list[tuple[tuple[str, ...], str]]  # [(alternatives, the recipe key the rule is from)]
 _MAKEFILES = ("GNUmakefile", "makefile", "Makefile")
 
 
-def tree_markers(recipe: Any) -> list[tuple[tuple[str, ...], str]]:
+def tree_markers(recipe: Any) -> Markers:
     """What the top of a source tree of this recipe must hold, from the recipe's own data:
     [(alternatives, where the rule comes from)], one of the alternatives must exist.
 
     - qemu recipes: the configure program build.configure runs from the tree (./configure), and
       a Makefile when build.make runs make;
     - kmod recipes: the kmod.dirs the modules are built from (arch/x86/kvm, virt/kvm)."""
-    out: list[tuple[tuple[str, ...], str]] = []
+    out: Markers = []
     if recipe.kind == "qemu":
         conf = list(recipe.build.get("configure") or [])
         if conf and conf[0].startswith("./") and len(conf[0]) > 2:
@@ -137,29 +138,32 @@ def tree_markers(recipe: Any) -> list[tuple[tuple[str, ...], str]]:
     return out
 
 
-def _missing(markers: list[tuple[tuple[str, ...], str]], present: Any) -> list[tuple[tuple[str, ...], str]]:
+def _missing(markers: Markers, present: Any) -> Markers:
     return [(alts, why) for alts, why in markers if not any(present(a) for a in alts)]
 
 
-def _shape_error(what: str, recipe: Any, missing: list[tuple[tuple[str, ...], str]],
-                 extra_hint: str = "") -> UnpackError:
+def _shape_error(what: str, recipe: Any, missing: Markers, extra_hint: str = "") -> UnpackError:
     names = ", ".join(alts[-1] for alts, _ in missing)
     rules = sorted({why for _, why in missing})
     return UnpackError(
         f"{what} does not look like a source tree of {recipe.name}: no {names} at its top",
-        hint=f"the recipe's {' and '.join(rules)} need(s) {names}; " + (extra_hint or
+        hint=f"the recipe's {' and '.join(rules)} need{'s' if len(rules) == 1 else ''} "
+             f"{names}; " + (extra_hint or
              "give the top directory of the unpacked sources, or their tarball"))
 
 
-def check_tree(path: Path, recipe: Any) -> None:
-    """UnpackError unless directory path is readable, not empty and has tree_markers(recipe)."""
+def check_tree(path: Path, recipe: Any, name: str | None = None) -> None:
+    """UnpackError unless directory path is readable, not empty and has tree_markers(recipe).
+    Messages start with name (default: the path)."""
+    label = name or str(path)
     try:
         entries = os.listdir(path)
     except OSError as e:
-        raise UnpackError(f"cannot read directory {path}: {(e.strerror or str(e)).lower()}",
+        raise UnpackError(f"{label}: cannot read the directory: "
+                          f"{(e.strerror or str(e)).lower()}",
                           hint="check its permissions") from None
     if not entries:
-        raise UnpackError(f"{path} is an empty directory",
+        raise UnpackError(f"{label} is an empty directory",
                           hint="give the directory holding the unpacked sources, or a tarball")
     markers = tree_markers(recipe)
     missing = _missing(markers, lambda rel: os.path.lexists(path / rel))
@@ -167,14 +171,15 @@ def check_tree(path: Path, recipe: Any) -> None:
         return
     inner = [d for d in sorted(entries) if (path / d).is_dir() and
              not _missing(markers, lambda rel, d=d: os.path.lexists(path / d / rel))]
-    raise _shape_error(str(path), recipe, missing,
+    raise _shape_error(label, recipe, missing,
                        f"did you mean {path / inner[0]}?" if len(inner) == 1 else "")
 
 
 def check_archive(path: Path, recipe: Any, name: str | None = None) -> str:
     """"srpm" or "tar" when path is an archive extract() can unpack with files of the recipe's
     tree (after source.strip_components); else UnpackError naming the problem. Reads the whole
-    archive (a damaged or truncated one is refused); name: the label in messages."""
+    archive (a damaged or truncated one is refused). Messages start with name (default: the
+    file name)."""
     from .srpm import LEAD_MAGIC, is_srpm, read_rpm
     label = name or path.name
     try:
@@ -182,7 +187,7 @@ def check_archive(path: Path, recipe: Any, name: str | None = None) -> str:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as e:
-        raise UnpackError(f"cannot read {label}: {(e.strerror or str(e)).lower()}",
+        raise UnpackError(f"{label}: cannot read it: {(e.strerror or str(e)).lower()}",
                           hint="check its permissions") from None
     if not stat.S_ISREG(st.st_mode):
         raise UnpackError(f"{label} is not a regular file", hint=f"give a {ARCHIVES} file")
@@ -202,7 +207,7 @@ def check_archive(path: Path, recipe: Any, name: str | None = None) -> str:
         raise UnpackError(f"{label} is a binary RPM, not a source RPM",
                           hint="give the .src.rpm (or a tarball of the sources)")
     strip = recipe.source.strip_components
-    files, names = 0, set()
+    files, kept, names = 0, 0, set()
     try:
         tf = tarfile.open(path, "r:*")
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -217,10 +222,11 @@ def check_archive(path: Path, recipe: Any, name: str | None = None) -> str:
                     raise UnpackError(f"{label}: refusing member {m.name!r} (absolute path or "
                                       "'..')", hint="the archive would write outside the work "
                                                     "dir; get the source from a trusted place")
+                files += m.isreg()
                 parts = PurePosixPath(m.name).parts[strip:]
                 if not parts:
                     continue
-                files += m.isreg()
+                kept += m.isreg()
                 for i in range(1, len(parts) + 1):
                     names.add("/".join(parts[:i]))
     except UnpackError:
@@ -228,8 +234,8 @@ def check_archive(path: Path, recipe: Any, name: str | None = None) -> str:
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as e:
         raise UnpackError(f"{label} is a damaged or truncated archive: {e}",
                           hint="get a complete copy (a download cut short?)") from None
-    if not files:
-        raise UnpackError(f"{label} is an archive with no files" if not names else
+    if not kept:
+        raise UnpackError(f"{label} is an archive with no files" if not files else
                           f"{label}: no files left after stripping {strip} leading path "
                           "component(s) (source.strip_components)",
                           hint="not the recipe's source archive?")
