@@ -215,3 +215,20 @@ def test_relock_never_overrides_a_pin(tmp_path, monkeypatch, kvmlab_env, tarball
         fetch_source(s, r, relock=True, options=FAST)
     assert "never overrides a pin" in e.value.message and str(r.path) in e.value.message
     assert server.requests == [] and not s.lock.exists() and cached_files(s) == []
+
+
+def test_mirror_giving_no_connection_is_left_after_one_connect_timeout(tmp_path, monkeypatch,
+                                                                      kvmlab_env, tarball,
+                                                                      server, caplog, capsys):
+    from support.httpserver import Blackhole
+    opts = FetchOptions(connect_timeout=0.5, read_timeout=0.5, retries=2, backoff=0,
+                        progress=False)
+    with Blackhole() as bh:
+        urls = [bh.url(tarball.name), server.url("range", tarball.name)]
+        s, r = fake_project(tmp_path, monkeypatch, tarball=tarball, urls=urls)
+        with caplog.at_level("WARNING", logger="urllib3"):
+            res = fetch_source(s, r, options=opts)
+    assert res.origin == urls[1] and res.sha256 == sha256_file(tarball)
+    assert f"{urls[0]}: no connection within 0.5s; trying the next mirror" in \
+        capsys.readouterr().err.replace("\n", " ")
+    assert not [m for m in caplog.messages if "Retrying" in m]  # urllib3 did not retry it

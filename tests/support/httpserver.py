@@ -177,3 +177,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Blackhole:
+    """A 127.0.0.1 port where a TCP connection never completes (a listener with backlog 0 whose
+    only queue slot is taken; the kernel drops further SYNs): a mirror that gives no connection.
+
+        with Blackhole() as bh: bh.url("x.tar.gz")
+    """
+
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._filler = socket.socket()
+        self.port = 0
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def __enter__(self) -> "Blackhole":
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(0)
+        self.port = self._listener.getsockname()[1]
+        self._filler.connect(("127.0.0.1", self.port))  # takes the one slot, never accepted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._filler.close()
+        self._listener.close()
