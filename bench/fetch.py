@@ -69,13 +69,15 @@ def stall() -> None:
             sha = sha256_file(tarball)
             s, r = _bench_env(tmp / "a", "healthy", tarball.name, [healthy], sha)
             t0 = time.monotonic()
-            with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), \
+                    contextlib.redirect_stdout(null):
                 fetch_source(s, r, options=opts)
             base = time.monotonic() - t0
             s, r = _bench_env(tmp / "b", "stalled", tarball.name, [stalled, healthy], sha)
             srv.requests.clear(), srv.times.clear()
             t0 = time.monotonic()
-            with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), \
+                    contextlib.redirect_stdout(null):
                 res = fetch_source(s, r, options=opts)
             total = time.monotonic() - t0
             first = next(t for (mode, *_), t in zip(srv.requests, srv.times) if mode == "range")
@@ -118,20 +120,9 @@ def main() -> None:
         proc.start()
         url = f"http://127.0.0.1:{parent.recv()}/range/{data.name}"
 
-        from kvmlab.config import load_settings
         from kvmlab.fetch import FetchOptions, fetch_source
         from kvmlab.fsutil import sha256_file
-        from kvmlab.recipe import load_recipe
-        os.environ.update({"KVMLAB_STATE_DIR": str(tmp / "state"),
-                           "KVMLAB_CACHE": str(tmp / "cache"),
-                           "KVMLAB_LOCK": str(tmp / "state" / "kvmlab.lock"),
-                           "KVMLAB_RECIPES_DIR": str(tmp / "recipes")})
-        (tmp / "recipes").mkdir()
-        (tmp / "recipes" / "bench.toml").write_text(
-            f'name = "bench"\nversion = "1"\nkind = "kmod"\n[source]\nfile = "{data.name}"\n'
-            f'urls = ["{url}"]\nsha256 = "{sha256_file(data)}"\n')
-        s = load_settings()
-        recipe = load_recipe(s.recipes_dir, "bench")
+        s, recipe = _bench_env(tmp, "bench", data.name, [url], sha256_file(data))
         opts = FetchOptions(progress=False)
 
         def kvmlab_fetch() -> None:

@@ -365,9 +365,10 @@ def _download(settings: Settings, recipe: Recipe, urls: list[str], expected: str
                     if retry_later:
                         queue.append((url, True))
                     ui.warn(f"{url}: {e}" + (
+                        "" if not queue else
+                        "; no other mirror left: trying it once more" if queue[0][0] == url else
                         "; trying the next mirror" + ("; this one again after the others"
-                                                      if retry_later and len(queue) > 1 else "")
-                        if queue else ""))
+                                                      if retry_later else "")))
                     continue
                 return _store(settings, recipe, part, url, expected, check, local)
     except OSError as e:  # the local side: cache dir not writable, disk full, ...
@@ -458,7 +459,8 @@ def _local_source(source: str | Path, recipe: Recipe) -> tuple[Path, bool]:
         raise FetchError(f"--source {source}: no such file or directory", hint=hint) from None
     except OSError as e:
         raise FetchError(f"--source {source}: cannot read it: {(e.strerror or str(e)).lower()}",
-                         hint="check its permissions (and those of its parent directories)")
+                         hint="check its permissions (and those of its parent directories)"
+                         ) from None
     try:
         if stat.S_ISDIR(st.st_mode):
             check_tree(p, recipe, name=str(source))

@@ -232,3 +232,12 @@ def test_mirror_giving_no_connection_is_left_after_one_connect_timeout(tmp_path,
     assert f"{urls[0]}: no connection within 0.5s; trying the next mirror" in \
         capsys.readouterr().err.replace("\n", " ")
     assert not [m for m in caplog.messages if "Retrying" in m]  # urllib3 did not retry it
+
+
+def test_a_single_stalled_mirror_is_tried_once_more(tmp_path, monkeypatch, kvmlab_env, tarball,
+                                                    server, capsys):
+    s, r = project(tmp_path, monkeypatch, tarball, server, "stall")
+    with pytest.raises(FetchError):
+        fetch_source(s, r, options=FAST)
+    assert [(q[0], q[2]) for q in server.requests] == [("stall", None), ("stall", "bytes=10-")]
+    assert "no other mirror left: trying it once more" in capsys.readouterr().err
