@@ -93,6 +93,8 @@ def test_plain_tree_source_skips_prep(el6home, tmp_path):
     tree = tmp_path / "prepared"
     tree.mkdir()
     (tree / "a.txt").write_text("alpha\nBETA\n")  # as %prep left it
+    for marker in ("configure", "Makefile"):  # what the recipe's build runs: a tree of it
+        (tree / marker).write_text("")
     recipe = load_recipe(settings.recipes_dir, "el6demo")
     res = prepare(settings, recipe, "debian12", source=tree)
     assert (res.src_dir / "a.txt").read_text() == "alpha\nBETA\ncompat\n"

@@ -10,10 +10,13 @@ Files are served under /<mode>/<name>; the mode decides how the server behaves:
     wrong    200 with different bytes of the same length
     slow     waits `slow_seconds` before answering (longer than the client's read timeout)
     flaky    503 on the first request for each file, then like range
+    stall    like range, but every response sends only the first `stall_after` bytes of its body
+             (headers complete), then nothing: the connection stays open until the server closes
 
 Usage:
     with LoopbackServer({"x.tar.gz": data_or_path}) as srv:
         srv.url("cut", "x.tar.gz"); srv.requests -> [(mode, name, range_header_or_None, status)]
+        srv.times -> time.monotonic() at which each of srv.requests arrived (same order)
 File content may be bytes or a Path (served with sendfile, for large benchmark files).
 """
 from __future__ import annotations
@@ -21,10 +24,11 @@ from __future__ import annotations
 import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-MODES = ("normal", "range", "cut", "missing", "wrong", "slow", "flaky")
+MODES = ("normal", "range", "cut", "missing", "wrong", "slow", "flaky", "stall")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -54,7 +58,7 @@ class _Handler(BaseHTTPRequestHandler):
         if mode == "flaky" and first:
             return self._reply(mode, name, rng, 503, b"try again\n")
         start, end, status = 0, size, 200
-        if rng and mode in ("range", "cut", "flaky"):
+        if rng and mode in ("range", "cut", "flaky", "stall"):
             m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
             if not m or int(m.group(1)) >= size:
                 return self._reply(mode, name, rng, 416, b"", {"Content-Range": f"bytes */{size}"})
@@ -73,6 +77,12 @@ class _Handler(BaseHTTPRequestHandler):
             end = start + (end - start) // 2
             self._send(content, start, end)
             self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+            return
+        if mode == "stall":
+            self._send(content, start, min(end, start + srv.stall_after))
+            self.wfile.flush()
+            srv.stop.wait()  # no more data, connection open, until the server closes
             self.close_connection = True
             return
         if mode == "wrong":
@@ -116,10 +126,13 @@ class _Server(ThreadingHTTPServer):
 
 
 class LoopbackServer:
-    def __init__(self, files: dict[str, bytes | Path] | None = None, slow_seconds: float = 30.0):
+    def __init__(self, files: dict[str, bytes | Path] | None = None, slow_seconds: float = 30.0,
+                 stall_after: int = 10):
         self.files: dict[str, bytes | Path] = dict(files or {})
         self.slow_seconds = slow_seconds
+        self.stall_after = stall_after
         self.requests: list[tuple[str, str, str | None, int]] = []
+        self.times: list[float] = []
         self.seen: set[tuple[str, str]] = set()
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -130,6 +143,7 @@ class LoopbackServer:
     def record(self, mode: str, name: str, rng: str | None, status: int) -> None:
         with self.lock:
             self.requests.append((mode, name, rng, status))
+            self.times.append(time.monotonic())
 
     def url(self, mode: str, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{mode}/{name}"
@@ -163,3 +177,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Blackhole:
+    """A 127.0.0.1 port where a TCP connection never completes (a listener with backlog 0 whose
+    only queue slot is taken; the kernel drops further SYNs): a mirror that gives no connection.
+
+        with Blackhole() as bh: bh.url("x.tar.gz")
+    """
+
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._filler = socket.socket()
+        self.port = 0
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def __enter__(self) -> "Blackhole":
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(0)
+        self.port = self._listener.getsockname()[1]
+        self._filler.connect(("127.0.0.1", self.port))  # takes the one slot, never accepted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._filler.close()
+        self._listener.close()

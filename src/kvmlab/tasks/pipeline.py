@@ -13,8 +13,8 @@ _HELP = {
     "recipe": "recipe name (recipes/NAME.toml) or path to a .toml file",
     "source": "use this local tarball or source directory instead of downloading",
     "offline": "use the download cache only, never the network",
-    "timeout": "seconds without data before a mirror counts as timed out (default 30, "
-               "or KVMLAB_FETCH_TIMEOUT)",
+    "timeout": "stall timeout: seconds without data before a mirror is left for the next one "
+               "(default 30, or KVMLAB_FETCH_TIMEOUT)",
     "no-verify": "skip the testinfra checks run at the end",
 }
 
@@ -29,15 +29,24 @@ def _show_fetch(r: FetchResult) -> None:
         ui.info(f"  source  {r.path} (directory, used as is)")
     else:
         ui.info(f"  cache   {r.path} ({r.size / 1e6:.1f} MB)")
+    if r.check == "relocked":
+        if r.previous == r.sha256:
+            ui.info("  lock    unchanged: the entry already had this sha256")
+        else:
+            ui.info(f"  lock    entry {r.recipe}/{r.file} replaced (--relock)\n"
+                    f"          old {r.previous or '(none)'}\n          new {r.sha256}")
 
 
-@task(help={**_HELP, "force": "download again even when the cache has a verified copy"})
+@task(help={**_HELP, "force": "download again even when the cache has a verified copy",
+            "relock": "fetch again and replace the recipe's kvmlab.lock entry with the sha256 of "
+                      "what arrived, showing old and new (never overrides a pinned sha256)"})
 def fetch(ctx: Context, recipe: str = "", source: str = "", offline: bool = False,
-          force: bool = False, timeout: float = 0.0, no_verify: bool = False) -> None:
+          force: bool = False, relock: bool = False, timeout: float = 0.0,
+          no_verify: bool = False) -> None:
     """Download a recipe's source (mirrors, retries, resume) into the verified cache."""
     s = settings(ctx, recipe=recipe)
     r = load_recipe(s.recipes_dir, s.recipe)
-    res = fetch_source(s, r, source=source or None, offline=offline, force=force,
+    res = fetch_source(s, r, source=source or None, offline=offline, force=force, relock=relock,
                        options=FetchOptions.from_env(timeout or None))
     _show_fetch(res)
     run_step_checks(s, "fetch", no_verify)
