@@ -661,6 +661,9 @@ def build(settings: Settings, recipe: Recipe | str, builder: str, *, jobs: int =
     recipe.builder(builder)  # RecipeError for an unknown builder
     if jobs < 1:
         raise BuildError(f"--jobs must be at least 1, got {jobs}")
+    if source is not None:
+        from .fetch import check_source
+        check_source(source, recipe)
     with build_lock(settings, recipe.name, builder):
         return _build(settings, recipe, builder, jobs=jobs, force=force, source=source,
                       offline=offline, quiet=quiet, timeout=timeout)

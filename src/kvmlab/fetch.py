@@ -372,7 +372,9 @@ def _download(settings: Settings, recipe: Recipe, urls: list[str], expected: str
                     continue
                 return _store(settings, recipe, part, url, expected, check, local)
     except OSError as e:  # the local side: cache dir not writable, disk full, ...
-        raise FetchError(f"cannot write {part_path}: {e.strerror or e}",
+        if e.filename and not Path(str(e.filename)).is_relative_to(settings.cache):
+            raise  # not the cache (the lock file, ...): the task layer names its setting
+        raise FetchError(f"cannot write {e.filename or part_path}: {e.strerror or e}",
                          hint="check free space and permissions of the cache (KVMLAB_CACHE)")
     finally:
         if session is not None:
@@ -444,6 +446,11 @@ def fetch_source(settings: Settings, recipe: Recipe, *, source: str | Path | Non
     if current != result.stamp():
         atomic_write_json(stamp, result.stamp())
     return result
+
+
+def check_source(source: str | Path, recipe: Recipe) -> None:
+    """Refuse a bad --source up front (before a build or lab takes locks or writes state)."""
+    _local_source(source, recipe)
 
 
 def _local_source(source: str | Path, recipe: Recipe) -> tuple[Path, bool]:

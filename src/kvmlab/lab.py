@@ -298,6 +298,9 @@ def run_lab(settings: Settings, opts: LabOptions, *, resume: bool = False,
     for s in opts.skip:
         if s not in STEPS:
             raise LabError(f"unknown step {s!r} in --skip", hint="steps: " + ", ".join(STEPS))
+    if opts.source:
+        from .fetch import check_source
+        check_source(opts.source, load_recipe(settings.recipes_dir, opts.recipe))
     state = read_json(state_path(settings), {}) or {}
     key = _options_key(opts)
     if resume and state.get("options") != key:

@@ -162,7 +162,9 @@ def describe_os_error(e: OSError, s: Settings | None = None) -> tuple[str, str]:
         target = Path(str(e.filename)).absolute()
         for attr, env in _PATH_SETTINGS:
             base = Path(getattr(s, attr))
-            if target == base or base in target.parents:
+            # the lock is written through a temp file beside it (.NAME.*.tmp)
+            beside = attr == "lock" and target.parent == base.parent and base.name in target.name
+            if target == base or base in target.parents or beside:
                 hint = f"{attr} is {base}: set {env} to a writable directory"
                 if attr == "lock":
                     hint = f"the lock file is {base}: set {env} to a writable file path"
