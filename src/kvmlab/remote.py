@@ -184,6 +184,8 @@ def remote_command(opts: Any, root: str = REMOTE_ROOT) -> str:
                       ("--qemu", opts.qemu), ("--timeout", opts.timeout)):
         if val:
             args += [flag, str(val)]
+    if getattr(opts, "install_deps", False):
+        args.append("--install-deps")  # each host installs the runtime libraries it lacks
     env = {"PYTHONPATH": f"{root}/lib", "KVMLAB_HOME": root, "KVMLAB_STATE_DIR": f"{root}/state",
            "KVMLAB_CACHE": f"{root}/cache", "KVMLAB_LOCK": f"{root}/state/kvmlab.lock",
            "TERM": "dumb", "COLUMNS": "200"}

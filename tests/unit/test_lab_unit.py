@@ -40,6 +40,9 @@ def test_remote_command_quotes_and_skips_build_steps():
     cmd = remote.remote_command(opts)
     assert "'r; rm -rf /'" in cmd and "'/opt/x y'" in cmd
     assert "--skip fetch,patch,images,build,boot-test" in cmd
+    assert "--install-deps" not in cmd
+    deps = remote.remote_command(lab.LabOptions(recipe="r", builder="debian12", install_deps=True))
+    assert deps.endswith(" --install-deps")
 
 
 def test_check_reports_changed_installed_file(kvmlab_env, tmp_path):
