@@ -6,7 +6,7 @@ For every qemu found (the distribution's qemu-system-x86_64 as dpkg installed it
 qemu-kvm 0.12 build when present: $KVMLAB_TEST_QEMU_012, kvmlab's installed one, out/.../bin,
 /work/real/*/x86_64-softmmu), in the same run:
 
-1. overhead: ``kvmlab.vm.boot_test()`` wall time vs the *same* qemu command run by hand
+1. overhead: ``kvmlab.boot.vm.boot_test()`` wall time vs the *same* qemu command run by hand
    (subprocess, without -S and the monitor, same guest files) until qemu exits. Goal < 1.2x.
 2. tiny guest end to end: ``python3 -m invoke boot-test --guest tiny --no-verify`` wall time
    (goal < 0.5 s), next to ``python3 -m invoke --list`` (the start-up the CLI costs anyway).
@@ -33,9 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from kvmlab import guest as guest_mod  # noqa: E402
+from kvmlab.boot import guest as guest_mod  # noqa: E402
 from kvmlab import vm  # noqa: E402
-from kvmlab.config import load_settings  # noqa: E402
+from kvmlab.core.settings import load_settings  # noqa: E402
 
 
 def find_qemus(extra: list[str]) -> list[Path]:
@@ -54,7 +54,7 @@ def find_qemus(extra: list[str]) -> list[Path]:
             glob.glob(str(REPO / "out/*/*/bin/qemu-system-x86_64")) + \
             glob.glob("/work/main/out/**/qemu-system-x86_64", recursive=True)
         try:
-            from kvmlab.install import installed_qemu
+            from kvmlab.install.txn import installed_qemu
             q = installed_qemu(load_settings())
             if q:
                 cands.insert(1, str(q))

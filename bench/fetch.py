@@ -41,8 +41,8 @@ def _serve(path: Path, conn) -> None:
 
 def _bench_env(tmp: Path, name: str, file: str, urls: list[str], sha: str) -> tuple:
     """Settings + recipe NAME under tmp (state, cache, lock, recipes all in tmp)."""
-    from kvmlab.config import load_settings
-    from kvmlab.recipe import load_recipe
+    from kvmlab.core.settings import load_settings
+    from kvmlab.model.recipe import load_recipe
     os.environ.update({"KVMLAB_STATE_DIR": str(tmp / "state"),
                        "KVMLAB_CACHE": str(tmp / "cache"),
                        "KVMLAB_LOCK": str(tmp / "state" / "kvmlab.lock"),
@@ -58,7 +58,7 @@ def _bench_env(tmp: Path, name: str, file: str, urls: list[str], sha: str) -> tu
 
 def stall() -> None:
     """Time until the next mirror is tried after a stalled one, default settings."""
-    from kvmlab.fetch import FetchOptions, fetch_source
+    from kvmlab.source.fetch import FetchOptions, fetch_source
     from support.fakeqemu import make_fake_qemu_tarball, sha256_file
     tmp = Path(tempfile.mkdtemp(prefix="kvmlab-bench-stall-"))
     try:
@@ -120,8 +120,8 @@ def main() -> None:
         proc.start()
         url = f"http://127.0.0.1:{parent.recv()}/range/{data.name}"
 
-        from kvmlab.fetch import FetchOptions, fetch_source
-        from kvmlab.fsutil import sha256_file
+        from kvmlab.source.fetch import FetchOptions, fetch_source
+        from kvmlab.core.fsutil import sha256_file
         s, recipe = _bench_env(tmp, "bench", data.name, [url], sha256_file(data))
         opts = FetchOptions(progress=False)
 

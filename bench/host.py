@@ -2,7 +2,7 @@
 """Benchmarks for the host step (baselines measured in the same run; prints ratios).
 
 H1  probe_kvm() wall time vs its irreducible part: starting the child interpreter
-    (`python3 -c "import kvmlab.kvmapi"`) - the probe's own ioctls and guests are the rest.
+    (`python3 -c "import kvmlab.host.kvmapi"`) - the probe's own ioctls and guests are the rest.
 H2  doctor() (all checks + probe) vs probe_kvm() alone.
 H3  `invoke doctor --json` as a command vs doctor() in-process (invoke + rich start-up).
 
@@ -40,7 +40,7 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
 
     def child() -> None:
-        subprocess.run([sys.executable, "-c", "import kvmlab.kvmapi"], env=env, check=True,
+        subprocess.run([sys.executable, "-c", "import kvmlab.host.kvmapi"], env=env, check=True,
                        timeout=60)
 
     def cli() -> None:

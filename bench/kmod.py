@@ -44,9 +44,11 @@ def main() -> int:
     os.environ["KVMLAB_CACHE"] = str(tmp / "cache")
     os.environ["KVMLAB_LOCK"] = str(tmp / "state" / "kvmlab.lock")
 
-    from kvmlab import build as B, images, kmodbuild as K
-    from kvmlab.config import load_settings
-    from kvmlab.recipe import load_recipe
+    from kvmlab.build import qemu as B
+    from kvmlab.build import images
+    from kvmlab.build import kmod as K
+    from kvmlab.core.settings import load_settings
+    from kvmlab.model.recipe import load_recipe
 
     s = load_settings()
     recipe = load_recipe(s.recipes_dir, args.recipe)

@@ -53,7 +53,7 @@ def main() -> None:
               f"ratio {t_lab / t_list:.2f}x (goal < 3x)")
 
         os.environ.update(env)
-        from kvmlab.config import load_settings
+        from kvmlab.core.settings import load_settings
         settings = load_settings()
         hostlab = ["lab", "--builder", "debian12", "--prefix", "/opt/kvmlab",
                    "--skip", "create-image,guest,boot-test"]

@@ -1,4 +1,4 @@
 """`python3 -m kvmlab TASK ...` — the same program as the `kvmlab` console command."""
-from .cli import main
+from kvmlab.cli import main
 
 main()

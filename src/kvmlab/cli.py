@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from invoke import Config, Program
 
-from . import __version__
-from .tasks import ns
+from kvmlab import __version__
+from kvmlab.tasks import ns
 
 
 class KvmlabConfig(Config):

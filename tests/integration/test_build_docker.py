@@ -26,7 +26,7 @@ def docker_client():
     reason = docker_available()
     if reason:
         pytest.skip(f"no docker daemon: {reason}")
-    from kvmlab.images import docker_client as dc
+    from kvmlab.build.images import docker_client as dc
     c = dc()
     yield c
     c.close()
@@ -35,8 +35,8 @@ def docker_client():
 @pytest.fixture(scope="session")
 def debian12_image(docker_client, tmp_path_factory):
     """The real builder image, built once per session (cached by its inputs tag across runs)."""
-    from kvmlab.config import load_settings
-    from kvmlab.images import ensure_image
+    from kvmlab.core.settings import load_settings
+    from kvmlab.build.images import ensure_image
     state = tmp_path_factory.mktemp("images-state")
     s = load_settings({"home": str(REPO), "state_dir": str(state),
                        "cache": str(state / "cache")})
@@ -47,7 +47,7 @@ def debian12_image(docker_client, tmp_path_factory):
 def fake_env(kvmlab_env, tmp_path, monkeypatch):
     """Settings for the fake recipe (patched KVM_VERSION), with KVMLAB_* set for CLI runs."""
     def make(**kw):
-        from kvmlab.config import load_settings
+        from kvmlab.core.settings import load_settings
         env = fake_home(tmp_path / "home", **kw)
         for k, v in env.items():
             monkeypatch.setenv(k, v)
@@ -57,13 +57,14 @@ def fake_env(kvmlab_env, tmp_path, monkeypatch):
 
 
 def _recipe(s):
-    from kvmlab.recipe import load_recipe
+    from kvmlab.model.recipe import load_recipe
     return load_recipe(s.recipes_dir, s.recipe)
 
 
 def test_fake_tree_builds_in_debian12_and_rebuild_is_a_noop(fake_env, debian12_image,
                                                              docker_client, monkeypatch):
-    from kvmlab import build, verify
+    from kvmlab.build import qemu as build
+    from kvmlab.lab import verify
     s = fake_env(patches={"0001-version.patch": version_patch()})
     r = build.build(s, _recipe(s), "debian12", quiet=True)
     assert not r.noop
@@ -134,7 +135,7 @@ def test_cli_build_verify_and_clean(fake_env, debian12_image, cli):
 def test_native_builder_builds_on_the_host(fake_env):
     if not shutil.which("cc") or not shutil.which("make"):
         pytest.skip("no host compiler (cc/make)")
-    from kvmlab import build
+    from kvmlab.build import qemu as build
     s = fake_env()
     r = build.build(s, _recipe(s), "native", quiet=True)
     assert r.manifest["image_id"] is None and r.manifest["compiler"]
@@ -175,7 +176,7 @@ def test_missing_image_offline_hints_invoke_images(fake_env, cli, tmp_path, monk
 
 
 def test_centos6_without_base_explains_the_two_ways_out(kvmlab_env, docker_client, cli):
-    from kvmlab.images import find_image
+    from kvmlab.build.images import find_image
     if find_image(docker_client, "centos:6") is not None:
         pytest.skip("a centos:6 image is present: the missing-base path cannot be shown")
     r = cli("images", "--builder", "centos6")
@@ -186,7 +187,7 @@ def test_centos6_without_base_explains_the_two_ways_out(kvmlab_env, docker_clien
 
 def test_centos6_image_builds_from_a_local_base(kvmlab_env, docker_client):
     """Only with a real CentOS 6 image loaded (`docker load -i centos6.tar`); no stand-in."""
-    from kvmlab.images import ensure_image, find_image
+    from kvmlab.build.images import ensure_image, find_image
     if find_image(docker_client, "centos:6") is None:
         pytest.skip("no local centos:6 image (no registry here; `docker load -i centos6.tar` "
                     "to run this test)")
@@ -265,7 +266,7 @@ def test_a_hung_build_times_out_and_is_stopped(fake_env, cli, monkeypatch, docke
 
 
 def test_base_image_is_the_hosts_mirror_trimmed(debian12_image, docker_client, kvmlab_env):
-    from kvmlab import images
+    from kvmlab.build import images
     base = images.ensure_base_image(kvmlab_env, "debian12", client=docker_client)
     assert base.noop and base.ref == images.base_ref("debian12")
     mirror = images.debian_mirror().uri
@@ -285,8 +286,8 @@ def test_base_image_is_the_hosts_mirror_trimmed(debian12_image, docker_client, k
 
 def test_recipe_builder_image_selects_the_docker_dir(fake_env, monkeypatch):
     """builders.<name>.image picks docker/<image>/ (e.g. the el6 recipe's debian12-el6)."""
-    from kvmlab import build
-    from kvmlab.errors import DockerError
+    from kvmlab.build import qemu as build
+    from kvmlab.core.errors import DockerError
     s = fake_env()
     p = s.recipes_dir / "fake-qemu.toml"
     p.write_text(p.read_text().replace('[builders.debian12]\n',

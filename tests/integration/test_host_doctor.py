@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab import cpu, host, kmod
+from kvmlab.host import cpu
+from kvmlab.host import doctor as host
+from kvmlab.host import modules as kmod
 
 SRC = str(Path(host.__file__).resolve().parent.parent)
 
@@ -71,7 +73,7 @@ def test_probe_timeout_kills_the_child():
 
 
 def test_probe_main_prints_json():
-    out = subprocess.run([sys.executable, "-m", "kvmlab.host", "--probe"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "kvmlab.host.doctor", "--probe"], capture_output=True,
                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": SRC})
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
@@ -124,7 +126,7 @@ def _nobody_python() -> str | None:
     for py in (sys.executable, "/usr/bin/python3"):
         try:
             r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                py, "-c", "import kvmlab.host"], capture_output=True,
+                                py, "-c", "import kvmlab.host.doctor"], capture_output=True,
                                timeout=30, cwd="/", env={"PYTHONPATH": SRC})
         except (OSError, subprocess.TimeoutExpired):
             continue
@@ -141,7 +143,7 @@ def test_doctor_without_root():
     if py is None:
         pytest.skip(f"no python3 that user nobody may execute with {SRC} importable")
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", py, "-m",
-                        "kvmlab.host", "--doctor"], capture_output=True, text=True, timeout=120,
+                        "kvmlab.host.doctor", "--doctor"], capture_output=True, text=True, timeout=120,
                        cwd="/", env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": SRC})
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
@@ -200,11 +202,11 @@ def test_explain_exit_cli(cli, kvmlab_env):
 @pytest.mark.slow
 @pytest.mark.docker
 def test_host_checks_on_a_docker_host(kvmlab_env):
-    """The testinfra checks through docker:// use `python3 -m kvmlab.host --probe/--doctor` inside
+    """The testinfra checks through docker:// use `python3 -m kvmlab.host.doctor --probe/--doctor` inside
     the container; its verdict is the host's (same kernel, same /dev/kvm)."""
-    from kvmlab import verify
-    from kvmlab.errors import DockerError
-    from kvmlab.images import docker_client, ensure_image
+    from kvmlab.lab import verify
+    from kvmlab.core.errors import DockerError
+    from kvmlab.build.images import docker_client, ensure_image
     try:
         client = docker_client(timeout=30)
     except DockerError as e:
@@ -218,7 +220,7 @@ def test_host_checks_on_a_docker_host(kvmlab_env):
                               volumes={SRC: {"bind": "/opt/kvmlab-src", "mode": "ro"}},
                               environment={"PYTHONPATH": "/opt/kvmlab-src"})
     try:
-        code, out = c.exec_run(["python3", "-m", "kvmlab.host", "--probe"])
+        code, out = c.exec_run(["python3", "-m", "kvmlab.host.doctor", "--probe"])
         assert code == 0, out
         inside = json.loads(out)
         outside = host.probe_kvm(timeout=20)

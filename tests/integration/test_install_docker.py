@@ -1,4 +1,4 @@
-"""make-install mode in the real debian12 builder: the fake tree built by kvmlab.build, then its
+"""make-install mode in the real debian12 builder: the fake tree built by kvmlab.build.qemu, then its
 own `make install DESTDIR=...` run in the builder container and copied into place."""
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ def test_make_install_in_the_builder(tmp_path, monkeypatch):
     reason = docker_available()
     if reason:
         pytest.skip(f"no docker daemon: {reason}")
-    from kvmlab import build, install as inst
-    from kvmlab.config import load_settings
-    from kvmlab.images import docker_client
-    from kvmlab.recipe import load_recipe
+    from kvmlab.build import qemu as build
+    from kvmlab.install import txn as inst
+    from kvmlab.core.settings import load_settings
+    from kvmlab.build.images import docker_client
+    from kvmlab.model.recipe import load_recipe
     state = tmp_path / "state"
     state.mkdir()
     monkeypatch.setenv("KVMLAB_STATE_DIR", str(state))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab import kmodbuild
+from kvmlab.build import kmod as kmodbuild
 from support.build import container_names
 from support.kmod import COMPAT_HEADER, PROBE_C, REPO
 
@@ -25,8 +25,8 @@ RECIPE = "kvm-kmod-6.1"
 
 
 def _docker_or_skip():
-    from kvmlab import images
-    from kvmlab.errors import DockerError
+    from kvmlab.build import images
+    from kvmlab.core.errors import DockerError
     try:
         return images.docker_client()
     except DockerError as e:
@@ -36,7 +36,7 @@ def _docker_or_skip():
 @pytest.fixture(scope="module")
 def kmod_state(tmp_path_factory):
     """Settings with a private state dir (the shared ccache volume and images are reused)."""
-    from kvmlab.config import load_settings
+    from kvmlab.core.settings import load_settings
     _docker_or_skip()
     base = tmp_path_factory.mktemp("kmod")
     mp = pytest.MonkeyPatch()
@@ -138,7 +138,7 @@ def test_debug_vmx_series_builds_and_adds_the_printks(kmod_state, built):
 def test_compat_header_in_the_builder_against_the_real_kconfig_h(kmod_state, built):
     """The builder's gcc: with the 6.1 headers' own kconfig.h the compat header changes no macro;
     without it, it alone makes the probe compile, with the same answers as kconfig.h's."""
-    from kvmlab.build import _LogSink, _run_container
+    from kvmlab.build.qemu import _LogSink, _run_container
     s, base = kmod_state
     m = built.manifest
     common = [d for d in m["facts"]["HEADER_DIRS"].split() if d.endswith("-common")][0]
@@ -175,7 +175,7 @@ def test_compat_header_in_the_builder_against_the_real_kconfig_h(kmod_state, bui
 
 
 def test_fetched_kernel_tarball_gives_the_same_modules(kmod_state, built):
-    """kmod.source = "fetch": a kernel tarball (file:// URL + sha256, through kvmlab.fetch) built
+    """kmod.source = "fetch": a kernel tarball (file:// URL + sha256, through kvmlab.source.fetch) built
     in another state dir gives bit-identical modules (no build-dir paths in the .ko files)."""
     import hashlib
     import tarfile
@@ -213,7 +213,7 @@ def test_ctrl_c_removes_the_container_and_leaves_no_half_tree(tmp_path):
     client = _docker_or_skip()
     env = {**os.environ, "KVMLAB_HOME": str(REPO), "KVMLAB_STATE_DIR": str(tmp_path / "state"),
            "KVMLAB_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
-    code = ("from kvmlab.config import load_settings\nfrom kvmlab import kmodbuild\n"
+    code = ("from kvmlab.core.settings import load_settings\nfrom kvmlab import kmodbuild\n"
             f"kmodbuild.build_kmod(load_settings(), {RECIPE!r}, 'debian12', quiet=True)\n")
     p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
@@ -222,7 +222,7 @@ def test_ctrl_c_removes_the_container_and_leaves_no_half_tree(tmp_path):
         name = None
         deadline = time.monotonic() + 300
         while name is None and time.monotonic() < deadline and p.poll() is None:
-            for n in container_names(client, label="io.kvmlab.build"):
+            for n in container_names(client, label="io.kvmlab.build.qemu"):
                 if n.startswith(prefix) and n.endswith(f"-{p.pid}"):
                     name = n
             time.sleep(0.3)
@@ -234,7 +234,7 @@ def test_ctrl_c_removes_the_container_and_leaves_no_half_tree(tmp_path):
         if p.poll() is None:  # the test itself failed: SIGKILL skips the build's own cleanup
             p.kill()
             p.wait()
-            for n in container_names(client, label="io.kvmlab.build"):
+            for n in container_names(client, label="io.kvmlab.build.qemu"):
                 if n.startswith(prefix) and n.endswith(f"-{p.pid}"):
                     client.api.remove_container(n, force=True)
     assert p.returncode != 0 and "KeyboardInterrupt" in out

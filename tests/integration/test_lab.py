@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kvmlab.vm import distro_qemu
+from kvmlab.boot.vm import distro_qemu
 from support.fakeqemu import make_fake_home, make_fake_qemu_tarball
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
@@ -20,7 +20,7 @@ DISTRO_QEMU = str(_Q) if _Q else None
 
 def _docker_up() -> bool:
     try:
-        from kvmlab.images import docker_client
+        from kvmlab.build.images import docker_client
         docker_client()
         return True
     except Exception as e:  # pragma: no cover - depends on the machine

@@ -2,8 +2,8 @@
 wrong bytes, timeouts, retries."""
 import pytest
 
-from kvmlab.errors import ChecksumError, FetchError
-from kvmlab.fetch import FetchOptions, fetch_source
+from kvmlab.core.errors import ChecksumError, FetchError
+from kvmlab.source.fetch import FetchOptions, fetch_source
 from support.fakeqemu import make_fake_qemu_tarball, sha256_file
 from support.httpserver import LoopbackServer, free_port
 from support.pipeline import cached_files, fake_project

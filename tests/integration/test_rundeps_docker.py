@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import tarfile
 import uuid
 from pathlib import Path
@@ -29,10 +28,11 @@ def target(tmp_path, monkeypatch):
     reason = docker_available()
     if reason:
         pytest.skip(f"no docker daemon: {reason}")
-    from kvmlab import build, remote
-    from kvmlab.config import load_settings
-    from kvmlab.images import docker_client, ensure_image
-    from kvmlab.recipe import load_recipe
+    from kvmlab.build import qemu as build
+    from kvmlab.lab import remote
+    from kvmlab.core.settings import load_settings
+    from kvmlab.build.images import docker_client, ensure_image
+    from kvmlab.model.recipe import load_recipe
     env = fake_home(tmp_path / "home")
     recipe_file = Path(env["KVMLAB_RECIPES_DIR"]) / "fake-qemu.toml"
     text = recipe_file.read_text()
@@ -54,7 +54,7 @@ def target(tmp_path, monkeypatch):
     bundle = tmp_path / "bundle"
     with tarfile.open(fileobj=io.BytesIO(remote.make_bundle(s)), mode="r:gz") as tar:
         tar.extractall(bundle, filter="data")
-    shutil.copytree(REPO / "tests" / "infra", bundle / "tests" / "infra")  # for `verify`
+    # the bundle carries kvmlab's checks (kvmlab/checks) for `verify`
     client = docker_client()
     img = ensure_image(load_settings({"home": str(REPO)}), "labhost", client=client, quiet=True)
     c = client.containers.run(img.ref, ["sleep", "infinity"], detach=True,

@@ -1,4 +1,4 @@
-"""A source RPM (written by tests/support/rpmgen.py) through kvmlab.pipeline.prepare: the spec's
+"""A source RPM (written by tests/support/rpmgen.py) through kvmlab.source.prepare.prepare: the spec's
 %prep patches in the spec's order and levels, then the recipe's compat series on top; a plain
 tree given with --source skips %prep (it is taken as already prepared)."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from kvmlab.srpm import SrpmError
+from kvmlab.source.srpm import SrpmError
 from support.rpmgen import tarball, write_srpm
 
 SPEC = """Name: demo
@@ -55,9 +55,9 @@ series = "series"
 
 @pytest.fixture
 def el6home(tmp_path, kvmlab_env, monkeypatch):
-    import kvmlab.unpack
-    if "srpm" not in inspect.getsource(kvmlab.unpack):
-        pytest.skip("source format 'srpm' is not wired into kvmlab.unpack yet (integration edit "
+    import kvmlab.source.tar
+    if "srpm" not in inspect.getsource(kvmlab.source.tar):
+        pytest.skip("source format 'srpm' is not wired into kvmlab.source.tar yet (integration edit "
                     "pending, see the rhel6 helper's report)")
     home = tmp_path / "home"
     rpm = write_srpm(tmp_path / "demo-1.0-1.src.rpm", SPEC,
@@ -70,13 +70,13 @@ def el6home(tmp_path, kvmlab_env, monkeypatch):
     (home / "patches/el6demo/series").write_text("compat.patch\n")
     monkeypatch.setenv("KVMLAB_RECIPES_DIR", str(home / "recipes"))
     monkeypatch.setenv("KVMLAB_PATCHES_DIR", str(home / "patches"))
-    from kvmlab.config import load_settings
+    from kvmlab.core.settings import load_settings
     return load_settings(), rpm
 
 
 def test_srpm_prep_then_compat_series(el6home):
-    from kvmlab.pipeline import prepare
-    from kvmlab.recipe import load_recipe
+    from kvmlab.source.prepare import prepare
+    from kvmlab.model.recipe import load_recipe
     settings, rpm = el6home
     recipe = load_recipe(settings.recipes_dir, "el6demo")
     res = prepare(settings, recipe, "debian12", offline=False)
@@ -87,8 +87,8 @@ def test_srpm_prep_then_compat_series(el6home):
 
 
 def test_plain_tree_source_skips_prep(el6home, tmp_path):
-    from kvmlab.pipeline import prepare
-    from kvmlab.recipe import load_recipe
+    from kvmlab.source.prepare import prepare
+    from kvmlab.model.recipe import load_recipe
     settings, _ = el6home
     tree = tmp_path / "prepared"
     tree.mkdir()
@@ -101,8 +101,8 @@ def test_plain_tree_source_skips_prep(el6home, tmp_path):
 
 
 def test_missing_spec_patch_fails_clearly(el6home, tmp_path):
-    from kvmlab.pipeline import prepare
-    from kvmlab.recipe import load_recipe
+    from kvmlab.source.prepare import prepare
+    from kvmlab.model.recipe import load_recipe
     settings, _ = el6home
     bad = write_srpm(tmp_path / "bad.src.rpm", SPEC,
                      {"demo-1.0.tar.gz": tarball({"a.txt": "alpha\n"}, "demo-1.0"),

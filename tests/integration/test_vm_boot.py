@@ -5,7 +5,7 @@ first qemu-system-x86_64: after `invoke lab` that is the qemu-kvm 0.12 build in 
 Tests that need a 0.12 build take it from the ``qemu_012`` fixture (tests/conftest.py).
 
 Everything runs under the real host's conditions: the KVM expectations are derived from
-kvmlab.host.probe_kvm()'s real answer, never assumed.
+kvmlab.host.doctor.probe_kvm()'s real answer, never assumed.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab import guest as guest_mod
-from kvmlab import vm
-from kvmlab.errors import VMError
+from kvmlab.boot import guest as guest_mod
+from kvmlab.boot import vm
+from kvmlab.core.errors import VMError
 
 _DISTRO_QEMU = vm.distro_qemu()
 QEMU = str(_DISTRO_QEMU) if _DISTRO_QEMU else None
@@ -200,7 +200,7 @@ def test_missing_or_non_qemu_binary_is_a_clear_error(kvmlab_env, cli, tmp_path):
 
 
 def test_accel_follows_the_real_kvm_probe(kvmlab_env):
-    from kvmlab.host import probe_kvm
+    from kvmlab.host.doctor import probe_kvm
     probe = probe_kvm()
     r = vm.boot_test(kvmlab_env, qemu=QEMU, accel="auto", guest="tiny")
     if probe.usable:
@@ -217,7 +217,7 @@ def test_accel_follows_the_real_kvm_probe(kvmlab_env):
 
 
 def test_auto_says_which_accelerator_on_the_command_line(kvmlab_env, cli):
-    from kvmlab.host import probe_kvm
+    from kvmlab.host.doctor import probe_kvm
     probe = probe_kvm()
     p = cli("boot-test", "--qemu", QEMU, "--guest", "tiny", "--no-verify")
     assert p.returncode == 0, p.stdout + p.stderr

@@ -1,5 +1,5 @@
 """Test helpers for install / install-bios: a fake build output (out dir + manifest.json in the
-layout kvmlab.build writes), made from the lead's fake qemu-like tree built natively with the
+layout kvmlab.build.qemu writes), made from the lead's fake qemu-like tree built natively with the
 host's C compiler (no docker), and tree hashing to prove "exact previous state".
 """
 from __future__ import annotations
@@ -28,15 +28,12 @@ def make_home(base: Path, name: str = FAKE_RECIPE, extra: str = "") -> Path:
     (home / "patches" / name / "series").write_text("# none\n")
     (home / "recipes" / f"{name}.toml").write_text(
         fake_recipe_toml(name, "fake.tar.gz", ["file:///nonexistent/fake.tar.gz"], extra=extra))
-    if not (home / "tests").exists():
-        # the testinfra checks (tests/infra/test_install.py) are found under KVMLAB_HOME/tests
-        (home / "tests").symlink_to(Path(__file__).resolve().parent.parent)
     return home
 
 
 def make_fake_build(settings, recipe, builder: str, work: Path,
                     configured_prefix: str = "/usr/local") -> Path:
-    """Build the fake tree natively and lay out settings.out(recipe, builder) like kvmlab.build.
+    """Build the fake tree natively and lay out settings.out(recipe, builder) like kvmlab.build.qemu.
 
     Returns the out dir. The tree is kept (manifest build_dir) for make-install.
     """

@@ -41,7 +41,7 @@ def wait_ssh(port: int, timeout: float = 30) -> None:
 @contextmanager
 def lab_hosts(settings: Any, n: int, workdir: Path) -> Iterator[LabHosts]:
     """n containers from the labhost image (built locally on demand), removed afterwards."""
-    from kvmlab.images import docker_client, ensure_image
+    from kvmlab.build.images import docker_client, ensure_image
     client = docker_client()
     img = ensure_image(settings, "labhost", quiet=True)
     key = workdir / "id_ed25519"

@@ -19,8 +19,8 @@ HEADER = ("Fixes: {what}\n"
 def fake_project(tmp_path: Path, monkeypatch, **kw):
     """recipes/ + patches/ for the fake qemu tree (see support.fakeqemu.make_fake_home), made the
     current KVMLAB_* settings; use after the kvmlab_env fixture. Returns (settings, recipe)."""
-    from kvmlab.config import load_settings
-    from kvmlab.recipe import load_recipe
+    from kvmlab.core.settings import load_settings
+    from kvmlab.model.recipe import load_recipe
     env = make_fake_home(tmp_path / "home", **kw)
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -1,6 +1,6 @@
 """The qemu binaries tests use, found explicitly (never PATH's first hit, never /usr/local).
 
-- the distribution's qemu: what the Debian packages installed (``kvmlab.vm.distro_qemu`` asks
+- the distribution's qemu: what the Debian packages installed (``kvmlab.boot.vm.distro_qemu`` asks
   dpkg), so a qemu-kvm 0.12 that `invoke lab` put into /usr/local/bin does not stand in for it;
 - a qemu-kvm 0.12 build: ``$KVMLAB_TEST_QEMU_012`` when set, else built by kvmlab itself
   (``invoke build`` in the debian12 builder) from the real upstream release tarball into a
@@ -41,7 +41,7 @@ def find_tarball() -> Path | None:
 
 
 def _is_012(qemu: Path) -> bool:
-    from kvmlab import vm
+    from kvmlab.boot import vm
     return vm.probe_qemu(qemu).version_tuple < (1, 0, 0)
 
 

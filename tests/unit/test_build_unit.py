@@ -1,4 +1,4 @@
-"""Unit tests for kvmlab.build without docker: config read from a build tree, the container script,
+"""Unit tests for kvmlab.build.qemu without docker: config read from a build tree, the container script,
 artifact collection (atomic out/, missing binary vs missing firmware), the no-op check, SIGTERM."""
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab.proc import sigterm_as_interrupt
+from kvmlab.core.proc import sigterm_as_interrupt
 
-from kvmlab import build as B
-from kvmlab.errors import BuildError
-from kvmlab.recipe import parse_recipe
+from kvmlab.build import qemu as B
+from kvmlab.core.errors import BuildError
+from kvmlab.model.recipe import parse_recipe
 from support.fakeqemu import fake_recipe_toml, write_fake_qemu_tree
 
 
@@ -199,7 +199,7 @@ def test_a_second_concurrent_build_is_refused(kvmlab_env):
 
 
 def test_prefix_map_merges_into_the_one_extra_cflags(tmp_path):
-    from kvmlab.build import with_prefix_map
+    from kvmlab.build.qemu import with_prefix_map
     b = tmp_path / "build-debian12"
     args = ["./configure", "--extra-cflags=-Werror=int-conversion", "--prefix=/usr"]
     assert with_prefix_map(args, b) == [

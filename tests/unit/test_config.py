@@ -29,4 +29,4 @@ def test_defaults_and_derived_paths(tmp_path, monkeypatch):
     assert (s.builder, s.recipe) == ("debian12", "qemu-kvm-0.12.1.2")
     assert s.out("r", "b") == tmp_path / "st" / "out" / "r" / "b"
     assert s.work("r") == tmp_path / "st" / "work" / "r"
-    assert (s.tests_dir / "infra").is_dir()
+    assert (s.checks_dir / "test_fetch.py").is_file()

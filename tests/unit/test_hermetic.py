@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab import image, vm
+from kvmlab.boot import image
+from kvmlab.boot import vm
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/dpkg-query"),
                                 reason="not a dpkg-based host")

@@ -1,4 +1,4 @@
-"""Unit tests for kvmlab.images: apt mirror parsing, input hashes, the builder Dockerfiles, and
+"""Unit tests for kvmlab.build.images: apt mirror parsing, input hashes, the builder Dockerfiles, and
 the docker-daemon error (no daemon needed)."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab import images
-from kvmlab.errors import DockerError
+from kvmlab.build import images
+from kvmlab.core.errors import DockerError
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"

@@ -17,8 +17,8 @@ def _sha(b: bytes) -> str:
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    from kvmlab.config import load_settings
-    from kvmlab.recipe import load_recipe
+    from kvmlab.core.settings import load_settings
+    from kvmlab.model.recipe import load_recipe
     home = make_home(tmp_path / "home")
     monkeypatch.setenv("KVMLAB_HOME", str(home))
     monkeypatch.setenv("KVMLAB_STATE_DIR", str(tmp_path / "state"))
@@ -53,8 +53,8 @@ def write_out(s, r, contents: dict[str, bytes] | None = None) -> Path:
 
 
 def test_missing_build_output_says_build_first(env):
-    from kvmlab import install as inst
-    from kvmlab.errors import InstallError
+    from kvmlab.install import txn as inst
+    from kvmlab.core.errors import InstallError
     s, r, tmp = env
     with pytest.raises(InstallError) as ei:
         inst.install(s, r, "native", destdir=str(tmp / "d"))
@@ -63,8 +63,8 @@ def test_missing_build_output_says_build_first(env):
 
 
 def test_incomplete_build_output_is_refused(env):
-    from kvmlab import install as inst
-    from kvmlab.errors import InstallError
+    from kvmlab.install import txn as inst
+    from kvmlab.core.errors import InstallError
     s, r, tmp = env
     out = write_out(s, r)
     (out / "bin/qemu-io").unlink()
@@ -73,15 +73,15 @@ def test_incomplete_build_output_is_refused(env):
 
 
 def test_unknown_mode(env):
-    from kvmlab import install as inst
-    from kvmlab.errors import InstallError
+    from kvmlab.install import txn as inst
+    from kvmlab.core.errors import InstallError
     s, r, tmp = env
     with pytest.raises(InstallError, match="unknown install mode 'move'"):
         inst.install(s, r, "native", mode="move")
 
 
 def test_manifest_path_one_per_destdir_and_prefix(env):
-    from kvmlab import install as inst
+    from kvmlab.install import txn as inst
     s, _r, _tmp = env
     a = inst.manifest_path(s, "", "/usr/local")
     assert a == inst.manifest_path(s, None, "/usr/local/")
@@ -91,7 +91,7 @@ def test_manifest_path_one_per_destdir_and_prefix(env):
 
 
 def test_dry_run_writes_nothing(env):
-    from kvmlab import install as inst
+    from kvmlab.install import txn as inst
     s, r, tmp = env
     write_out(s, r)
     res = inst.install(s, r, "native", destdir=str(tmp / "d"), dry_run=True)
@@ -100,7 +100,7 @@ def test_dry_run_writes_nothing(env):
 
 
 def test_copy_install_records_and_is_idempotent(env):
-    from kvmlab import install as inst
+    from kvmlab.install import txn as inst
     s, r, tmp = env
     write_out(s, r)
     res = inst.install(s, r, "native", destdir=str(tmp / "d"))
@@ -117,7 +117,7 @@ def test_copy_install_records_and_is_idempotent(env):
 
 
 def test_update_of_our_own_file_keeps_the_original_backup(env):
-    from kvmlab import install as inst
+    from kvmlab.install import txn as inst
     s, r, tmp = env
     bindir = tmp / "d/usr/local/bin"
     bindir.mkdir(parents=True)
@@ -138,7 +138,7 @@ def test_update_of_our_own_file_keeps_the_original_backup(env):
 
 
 def test_uninstall_leaves_files_changed_since_unless_forced(env):
-    from kvmlab import install as inst
+    from kvmlab.install import txn as inst
     s, r, tmp = env
     write_out(s, r)
     inst.install(s, r, "native", destdir=str(tmp / "d"))
@@ -152,15 +152,15 @@ def test_uninstall_leaves_files_changed_since_unless_forced(env):
 
 
 def test_uninstall_nothing_installed(env):
-    from kvmlab import install as inst
-    from kvmlab.errors import InstallError
+    from kvmlab.install import txn as inst
+    from kvmlab.core.errors import InstallError
     s, r, tmp = env
     with pytest.raises(InstallError, match="nothing installed by kvmlab under"):
         inst.uninstall(s, destdir=str(tmp / "d"))
 
 
 def test_parse_strace_keeps_absolute_firmware_paths():
-    from kvmlab.install import _parse_strace
+    from kvmlab.install.txn import _parse_strace
     text = "\n".join([
         '123 access("bios-256k.bin", R_OK) = -1 ENOENT (No such file or directory)',
         '123 access("/p/bin/../share/qemu/bios-256k.bin", R_OK) = -1 ENOENT (No such file)',
@@ -175,7 +175,7 @@ def test_parse_strace_keeps_absolute_firmware_paths():
 
 
 def test_explain_failure_names_the_paths():
-    from kvmlab.install import ProbeRun, explain_failure
+    from kvmlab.install.txn import ProbeRun, explain_failure
     p = ProbeRun(Path("/q"), [], False, 1, "qemu: could not load PC BIOS 'bios.bin'\n", "",
                  [("/x/share/qemu/bios.bin", False)], ["bios.bin"], [], {}, True)
     text = explain_failure(p)
@@ -185,7 +185,7 @@ def test_explain_failure_names_the_paths():
 
 def test_debug_bios_path_lines_count_as_observations(tmp_path):
     """Without strace, a binary built with debug-bios-path still tells where it looked."""
-    from kvmlab.install import run_probe
+    from kvmlab.install.txn import run_probe
     fake = tmp_path / "qemu"
     fake.write_text("#!/bin/sh\n"
                     "case \"$1\" in -version)\n"
@@ -204,7 +204,7 @@ def test_debug_bios_path_lines_count_as_observations(tmp_path):
 
 
 def test_ctrl_c_mid_install_rolls_back(env, monkeypatch):
-    from kvmlab import install as inst
+    from kvmlab.install import txn as inst
     s, r, tmp = env
     bindir = tmp / "d/usr/local/bin"
     bindir.mkdir(parents=True)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab import kmodbuild
-from kvmlab.errors import BuildError, HostError, RecipeError
-from kvmlab.recipe import load_recipe, parse_recipe
+from kvmlab.build import kmod as kmodbuild
+from kvmlab.core.errors import BuildError, HostError, RecipeError
+from kvmlab.model.recipe import load_recipe, parse_recipe
 from support.kmod import COMPAT_HEADER, PROBE_C, REPO, cc, gcc, macro_table, make_module_object
 
 needs_gcc = pytest.mark.skipif(gcc() is None, reason="gcc is not installed on this host")
@@ -325,7 +325,7 @@ def test_the_6_1_image_pins_what_the_recipe_says():
 
 
 def test_debug_vmx_series_is_conditional_and_linted(kvmlab_env):
-    from kvmlab.patch import read_series
+    from kvmlab.source.patch import read_series
     r = load_recipe(REPO / "recipes", "kvm-kmod-6.1")
     entries = read_series(REPO / "patches", r, "debian12")
     assert [(e.name, e.condition, e.active) for e in entries] == [
@@ -350,7 +350,7 @@ def test_kmod_table_errors_name_the_key(tmp_path):
 
 def test_el6_recipe_stops_at_fetch_before_touching_docker(kvmlab_env, monkeypatch):
     # offline: no traffic to the CentOS vault from tests; the SRPM is not cached here
-    from kvmlab.errors import FetchError
+    from kvmlab.core.errors import FetchError
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
     with pytest.raises(FetchError, match="offline"):
         kmodbuild.build_kmod(kvmlab_env, "kvm-kmod-2.6.32-el6", "centos6", offline=True)

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from kvmlab import lab, remote
-from kvmlab.errors import LabError
+from kvmlab.lab import runner as lab
+from kvmlab.lab import remote
+from kvmlab.core.errors import LabError
 
 
 def test_inventory_lines_and_toml(tmp_path):
@@ -48,7 +49,7 @@ def test_remote_command_quotes_and_skips_build_steps():
 def test_check_reports_changed_installed_file(kvmlab_env, tmp_path):
     f = tmp_path / "bios.bin"
     f.write_bytes(b"good")
-    from kvmlab.fsutil import sha256_file
+    from kvmlab.core.fsutil import sha256_file
     lock = {"recipe": {"name": "qemu-kvm-0.12.1.2"}, "builder": "debian12",
             "installed": {str(f): sha256_file(f)}}
     now = lab.current_facts(kvmlab_env, lock, host_facts=False)

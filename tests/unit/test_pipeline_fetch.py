@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from kvmlab.errors import ChecksumError, FetchError
-from kvmlab.fetch import cache_path, fetch_source, stamp_path
-from kvmlab.pipeline import prepare
-from kvmlab.fsutil import tree_sha256
+from kvmlab.core.errors import ChecksumError, FetchError
+from kvmlab.source.fetch import cache_path, fetch_source, stamp_path
+from kvmlab.source.prepare import prepare
+from kvmlab.core.fsutil import tree_sha256
 from support.fakeqemu import make_fake_qemu_tarball, sha256_file, write_fake_qemu_tree
 from support.pipeline import cached_files, fake_project, tree_hashes
 
@@ -157,7 +157,7 @@ BAD = ["missing path", "empty file", "empty directory", "text file", "gzipped ht
 @pytest.mark.parametrize("case", BAD)
 def test_bad_source_is_refused_before_anything_is_locked(tmp_path, monkeypatch, kvmlab_env,
                                                          tarball, case):
-    from kvmlab.errors import KvmlabError
+    from kvmlab.core.errors import KvmlabError
     s, r = fake_project(tmp_path, monkeypatch, tarball=tarball)
     path, needle = _bad_sources(tmp_path)[case]
     for call in (lambda: fetch_source(s, r, source=path),
@@ -171,7 +171,7 @@ def test_bad_source_is_refused_before_anything_is_locked(tmp_path, monkeypatch, 
 
 
 def test_directory_one_level_too_high_gets_a_hint(tmp_path, monkeypatch, kvmlab_env, tarball):
-    from kvmlab.errors import UnpackError
+    from kvmlab.core.errors import UnpackError
     s, r = fake_project(tmp_path, monkeypatch, tarball=tarball)
     tree = write_fake_qemu_tree(tmp_path / "unpacked" / "qemu-kvm-0.12.1.2")
     with pytest.raises(UnpackError) as e:

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab.errors import PatchError
-from kvmlab.patch import apply_series, lint_patch, read_series
-from kvmlab.recipe import BuilderConfig
+from kvmlab.core.errors import PatchError
+from kvmlab.source.patch import apply_series, lint_patch, read_series
+from kvmlab.model.recipe import BuilderConfig
 from support.fakeqemu import write_fake_qemu_tree
 from support.pipeline import fake_project, make_patch, tree_hashes
 
@@ -142,7 +142,7 @@ def test_missing_series_file_and_builder_without_series(tmp_path, monkeypatch, k
 
 def test_shipped_series_are_valid():
     """Every series in the repo parses and each patch has the required header."""
-    from kvmlab.recipe import list_recipes
+    from kvmlab.model.recipe import list_recipes
     repo = Path(__file__).resolve().parents[2]
     for r in list_recipes(repo / "recipes"):
         if isinstance(r, Exception):

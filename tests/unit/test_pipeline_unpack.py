@@ -4,10 +4,10 @@ import os
 
 import pytest
 
-from kvmlab import unpack as unpack_mod
-from kvmlab.errors import UnpackError
-from kvmlab.pipeline import prepare
-from kvmlab.unpack import extract
+from kvmlab.source import tar as unpack_mod
+from kvmlab.core.errors import UnpackError
+from kvmlab.source.prepare import prepare
+from kvmlab.source.tar import extract
 from support.fakeqemu import make_fake_qemu_tarball, write_fake_qemu_tree
 from support.pipeline import fake_project, make_tar, tree_hashes
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab.patch import read_series
-from kvmlab.recipe import load_recipe
+from kvmlab.source.patch import read_series
+from kvmlab.model.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = "qemu-kvm-0.12.1.2"
@@ -23,7 +23,7 @@ PATCHES = REPO / "patches"
 COMPAT = ["0001-vnc-tls-gnutls-priority-string.patch",
           "0002-configure-curses-probe-int-conversion.patch"]
 DEBUG = "debug-bios-path.patch"
-# the header fields every patch here carries (kvmlab.patch lints its own required subset)
+# the header fields every patch here carries (kvmlab.source.patch lints its own required subset)
 FIELDS = ("Subject", "Fixes", "For", "Failing-log", "Upstream")
 
 

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab.errors import RecipeError
-from kvmlab.recipe import load_recipe
+from kvmlab.core.errors import RecipeError
+from kvmlab.model.recipe import load_recipe
 
 GOOD = '''
 name = "demo"

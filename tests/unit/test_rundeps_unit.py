@@ -30,7 +30,7 @@ def _compile(tmp: Path, name: str, *flags: str, code: str = "") -> Path:
 
 
 def test_elf_needed_reads_dt_needed_in_order_even_when_stripped(tmp_path):
-    from kvmlab.build import elf_needed
+    from kvmlab.build.qemu import elf_needed
     exe = _compile(tmp_path, "withz", "-lz")
     assert elf_needed(exe) == ["libz.so.1", "libc.so.6"]
     stripped = tmp_path / "stripped"
@@ -45,7 +45,7 @@ def test_elf_needed_reads_dt_needed_in_order_even_when_stripped(tmp_path):
 
 
 def test_elf_needed_of_a_static_binary_is_empty(tmp_path):
-    from kvmlab.build import elf_needed
+    from kvmlab.build.qemu import elf_needed
     exe = _compile(tmp_path, "static", "-static", code="int main(void){return 0;}\n")
     assert elf_needed(exe) == []
 
@@ -54,7 +54,7 @@ def test_native_deps_script_names_the_owning_packages(tmp_path):
     """The script the builder runs, run here on the host (what --builder native does)."""
     if not Path("/usr/bin/dpkg").exists():
         pytest.skip("not a dpkg host")
-    from kvmlab.build import _deps_native, elf_needed, runtime_deps
+    from kvmlab.build.qemu import _deps_native, elf_needed, runtime_deps
     exe = _compile(tmp_path, "withz", "-lz")
     deps = runtime_deps([("bin/withz", elf_needed(exe))], _deps_native([str(exe)], 60))
     by = {d["soname"]: d for d in deps}
@@ -83,7 +83,7 @@ glibc: /lib64/libc.so.6
 
 
 def test_rpm_builder_output_has_no_debian_package():
-    from kvmlab.build import runtime_deps
+    from kvmlab.build.qemu import runtime_deps
     deps = runtime_deps([("bin/qemu-kvm", ["libz.so.1", "libgfapi.so.0", "libc.so.6"])],
                         RPM_OUTPUT)
     by = {d["soname"]: d for d in deps}
@@ -94,7 +94,7 @@ def test_rpm_builder_output_has_no_debian_package():
 
 
 def test_dpkg_owner_found_through_the_merged_usr_alias():
-    from kvmlab.build import runtime_deps
+    from kvmlab.build.qemu import runtime_deps
     out = ("@@ldd /b/q\n\tlibpcre2-8.so.0 => /lib/x86_64-linux-gnu/libpcre2-8.so.0 (0x1)\n"
            "@@real\n/lib/x86_64-linux-gnu/libpcre2-8.so.0 "
            "/usr/lib/x86_64-linux-gnu/libpcre2-8.so.0.11.2\n@@owners dpkg\n"
@@ -105,7 +105,7 @@ def test_dpkg_owner_found_through_the_merged_usr_alias():
 
 
 def test_ldconfig_entries_of_the_other_word_size_do_not_count():
-    from kvmlab.install import parse_ldconfig
+    from kvmlab.install.txn import parse_ldconfig
     text = ("3 libs found in cache `/etc/ld.so.cache'\n"
             "\tlibz.so.1 (libc6,x86-64) => /lib/x86_64-linux-gnu/libz.so.1\n"
             "\tlibfoo.so.2 (libc6) => /lib/i386-linux-gnu/libfoo.so.2\n"
@@ -121,8 +121,8 @@ MISSING = "libkvmlab-test-missing.so.7"
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    from kvmlab.config import load_settings
-    from kvmlab.recipe import load_recipe
+    from kvmlab.core.settings import load_settings
+    from kvmlab.model.recipe import load_recipe
     home = make_home(tmp_path / "home")
     for k, v in {"KVMLAB_HOME": str(home), "KVMLAB_STATE_DIR": str(tmp_path / "state"),
                  "KVMLAB_RECIPE": "fake-qemu", "KVMLAB_BUILDER": "native",
@@ -177,8 +177,8 @@ def test_cli_refuses_a_missing_library_with_the_apt_line_and_writes_nothing(env,
 
 
 def test_unknown_package_is_refused_even_with_install_deps(env):
-    from kvmlab import install as inst
-    from kvmlab.errors import InstallError
+    from kvmlab.install import txn as inst
+    from kvmlab.core.errors import InstallError
     s, r, tmp = env
     _out(s, r, [_dep(MISSING, None)])
     with pytest.raises(InstallError) as ei:
@@ -189,7 +189,7 @@ def test_unknown_package_is_refused_even_with_install_deps(env):
 
 
 def test_dry_run_reports_the_missing_library_and_old_manifests_still_install(env):
-    from kvmlab import install as inst
+    from kvmlab.install import txn as inst
     s, r, tmp = env
     _out(s, r, [_dep(MISSING, "kvmlab-test-pkg")])
     res = inst.install(s, r, "native", prefix=str(tmp / "p"), dry_run=True)
@@ -204,7 +204,7 @@ def test_dry_run_reports_the_missing_library_and_old_manifests_still_install(env
 def test_lab_stops_at_install_with_the_apt_line(env, cli):
     """`invoke lab` runs the same check; --install-deps does not change its options key, so a
     `--resume --install-deps` after this refusal continues from install."""
-    from kvmlab.lab import LabOptions, _options_key
+    from kvmlab.lab.runner import LabOptions, _options_key
     s, r, tmp = env
     _out(s, r, [_dep(MISSING, "kvmlab-test-pkg")])
     skip = "fetch,patch,images,build,install-bios,load-modules,doctor,create-image,guest,boot-test"

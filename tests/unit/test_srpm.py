@@ -1,4 +1,4 @@
-"""kvmlab.srpm on source RPMs written by the tests (tests/support/rpmgen.py): the RPM reader, the
+"""kvmlab.source.srpm on source RPMs written by the tests (tests/support/rpmgen.py): the RPM reader, the
 cpio extraction's refusals, the spec's %prep order / -p levels / fuzz, missing patches."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kvmlab.srpm import (SrpmError, extract_rpm, is_srpm, parse_spec, read_rpm, unpack_srpm)
+from kvmlab.source.srpm import (SrpmError, extract_rpm, is_srpm, parse_spec, read_rpm, unpack_srpm)
 from support.rpmgen import tarball, write_rpm, write_srpm
 
 TREE = {"a.txt": "alpha\n", "sub/b.txt": "one\ntwo\nthree\n"}

@@ -1,10 +1,10 @@
-"""kvmlab.features: the feature report of a build against the recipe's (RHEL's) configure line."""
+"""kvmlab.build.features: the feature report of a build against the recipe's (RHEL's) configure line."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from kvmlab.features import feature_report, format_report
-from kvmlab.recipe import parse_recipe
+from kvmlab.build.features import feature_report, format_report
+from kvmlab.model.recipe import parse_recipe
 
 RECIPE = """
 name = "el6demo"

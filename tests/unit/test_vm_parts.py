@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab import guest, image, vm
-from kvmlab.errors import ImageError, VMError
+from kvmlab.boot import guest
+from kvmlab.boot import image
+from kvmlab.boot import vm
+from kvmlab.core.errors import ImageError, VMError
 
 
 def test_boot_sector_shape():

@@ -13,10 +13,10 @@ from invoke import Config, Context, Exit, Task, task as invoke_task
 from invoke.exceptions import ParseError
 from invoke.parser import Argument
 
-from .. import ui
-from ..config import Settings, load_settings
-from ..errors import KvmlabError
-from . import _flags
+from kvmlab.core import ui
+from kvmlab.core.settings import Settings, load_settings
+from kvmlab.core.errors import KvmlabError
+from kvmlab.tasks import _flags
 
 
 def _checked_runtime_config() -> None:
@@ -94,7 +94,7 @@ def settings(ctx: Context, **overrides: Any) -> Settings:
     s = load_settings(overrides, cfg)
     if overrides.get("recipe") or overrides.get("builder"):
         # a recipe or builder named on the command line is checked before anything runs
-        from ..recipe import load_recipe
+        from kvmlab.model.recipe import load_recipe
         r = load_recipe(s.recipes_dir, s.recipe)
         if overrides.get("builder"):
             r.builder(s.builder)
@@ -174,11 +174,11 @@ def describe_os_error(e: OSError, s: Settings | None = None) -> tuple[str, str]:
 
 def run_step_checks(s: Settings, step: str, no_verify: bool = False,
                     extra_env: dict[str, str] | None = None) -> None:
-    """Run tests/infra/test_<step>.py against local:// after a step (skipped with --no-verify)."""
+    """Run kvmlab/checks/test_<step>.py against local:// after a step (skipped with --no-verify)."""
     if no_verify:
         return
-    from .. import verify as verify_mod
-    from ..errors import VerifyError
+    from kvmlab.lab import verify as verify_mod
+    from kvmlab.core.errors import VerifyError
     report = verify_mod.run_checks(s, [step], ["local://"], extra_env=extra_env)
     if not report.ok:
         verify_mod.print_report(report)

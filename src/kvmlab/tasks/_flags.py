@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from invoke.exceptions import ParseError
 
-from ..errors import KvmlabError
+from kvmlab.core.errors import KvmlabError
 
 
 class FlagValueError(ValueError):
@@ -192,19 +192,19 @@ def program(check: Callable[[str], None] | None = None, example: str = "PATH") -
 
 
 def _check_qemu(path: str) -> None:
-    from ..vm import probe_qemu
+    from kvmlab.boot.vm import probe_qemu
     probe_qemu(path)
 
 
 def _check_qemu_img(path: str) -> None:
-    from ..image import qemu_img_version
+    from kvmlab.boot.image import qemu_img_version
     if qemu_img_version(path) == (0, 0):
         raise FlagValueError(f"{path} is not qemu-img (`{path} --help` names no qemu-img version)",
                              "give the path of a qemu-img binary")
 
 
 def _check_module(path: str) -> None:
-    from ..kmodbuild import read_modinfo
+    from kvmlab.build.kmod import read_modinfo
     read_modinfo(path)
 
 
@@ -229,12 +229,12 @@ def _content(check: Callable[[Path], None], metavar: str, what: str, example: st
 
 
 def _check_kernel(p: Path) -> None:
-    from ..guest import check_kernel
+    from kvmlab.boot.guest import check_kernel
     check_kernel(p)
 
 
 def _check_iso(p: Path) -> None:
-    from ..guest import check_iso
+    from kvmlab.boot.guest import check_iso
     check_iso(p)
 
 
@@ -303,7 +303,7 @@ def _read_only(p: Path) -> bool:
 
 def size() -> FlagType:
     def parse(raw: str) -> str:
-        from ..image import parse_size
+        from kvmlab.boot.image import parse_size
         if parse_size(raw) <= 0:
             raise FlagValueError(f"{raw!r} is not a usable size", "e.g. 10G, 512M")
         return raw
@@ -315,12 +315,12 @@ def size() -> FlagType:
 # --------------------------------------------------------------------------------------------
 
 def _guest_kinds() -> tuple[str, ...]:
-    from ..guest import KINDS
+    from kvmlab.boot.guest import KINDS
     return tuple(KINDS)
 
 
 def _exit_kinds() -> tuple[str, ...]:
-    from ..exits import KINDS
+    from kvmlab.host.exits import KINDS
     return ("auto", *KINDS)
 
 

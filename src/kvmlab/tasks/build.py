@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from invoke import Context
 
-from .. import ui
-from ..errors import ConfigError, DockerError
+from kvmlab.core import ui
+from kvmlab.core.errors import ConfigError, DockerError
 from ._common import run_step_checks, settings, task
 
 
@@ -16,7 +16,7 @@ def images(ctx: Context, builder: str = "", force: bool = False) -> None:
     debian12: a local debootstrap base from the host's apt mirror, no registry needed.
     centos6: needs a local centos:6 image (`docker load -i centos6.tar`); never pulled.
     """
-    from .. import images as images_mod
+    from kvmlab.build import images as images_mod
     s = settings(ctx)
     names = images_mod.IMAGE_BUILDERS if builder == "all" else (builder or s.builder,)
     for name in names:
@@ -53,7 +53,7 @@ def build(ctx: Context, recipe: str = "", builder: str = "", jobs: int = 2, forc
 
     Artifacts and manifest.json go to out/<recipe>/<builder>/; unchanged inputs are a no-op.
     """
-    from .. import build as build_mod
+    from kvmlab.build import qemu as build_mod
     s = settings(ctx, recipe=recipe, builder=builder)
     res = build_mod.build(s, s.recipe, s.builder, jobs=jobs, force=force,
                           source=source or None, offline=offline)
@@ -76,7 +76,7 @@ def clean(ctx: Context, recipe: str = "", builder: str = "", all: bool = False) 
 
     The download cache and the ccache volume are kept (--all also removes work/<recipe>).
     """
-    from .. import build as build_mod
+    from kvmlab.build import qemu as build_mod
     s = settings(ctx, recipe=recipe, builder=builder)
     removed = build_mod.clean(s, s.recipe, s.builder, all_work=all)
     if not removed:

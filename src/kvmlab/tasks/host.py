@@ -5,8 +5,8 @@ import json
 
 from invoke import Context
 
-from .. import ui
-from ..errors import HostError
+from kvmlab.core import ui
+from kvmlab.core.errors import HostError
 from ._common import run_step_checks, settings, task
 
 
@@ -14,7 +14,7 @@ from ._common import run_step_checks, settings, task
             "timeout": "seconds the probe guest may take before it is killed"})
 def doctor(ctx: Context, json_: bool = False, timeout: float = 10) -> None:
     """Check CPU, firmware, kvm modules and /dev/kvm, then run a probe guest; give a verdict."""
-    from .. import host
+    from kvmlab.host import doctor as host
     rep = host.doctor(timeout=timeout)
     if json_:
         print(json.dumps(rep.to_dict(), indent=2))
@@ -36,14 +36,14 @@ doctor.help["json_"] = doctor.help.pop("json")
             "from": "the out/ directory of a kmod build (invoke build --recipe kvm-kmod-6.1)",
             "unload": "rmmod the modules instead (refused while VMs use KVM)",
             "json": "print the result as JSON",
-            "no-verify": "skip the host checks (tests/infra/test_host.py) after loading"})
+            "no-verify": "skip the host checks (kvmlab/checks/test_host.py) after loading"})
 def load_modules(ctx: Context, ko: str = "", from_: str = "", unload: bool = False,
                  json_: bool = False, no_verify: bool = False) -> None:
     """Load kvm + kvm_intel/kvm_amd for this CPU (idempotent, built-in aware); --unload."""
-    from .. import host
+    from kvmlab.host import doctor as host
     paths = [p for p in ko.split(",") if p]
     if from_:
-        from ..kmodbuild import modules_from
+        from kvmlab.build.kmod import modules_from
         paths += [str(p) for p in modules_from(from_)]
     if unload and paths:
         raise HostError("--ko and --unload do not go together")
@@ -71,7 +71,7 @@ load_modules.help["from_"] = load_modules.help.pop("from")
             "json": "print the explanation as JSON"})
 def explain_exit(ctx: Context, code: str | None = None, kind: str = "auto", json_: bool = False) -> None:
     """Explain a VM-exit reason / VM-entry failure, a KVM_EXIT_* code or a KVM internal error."""
-    from ..host import explain_exit as explain
+    from kvmlab.host.doctor import explain_exit as explain
     e = explain(code or "", kind)
     if json_:
         print(json.dumps(e.to_dict(), indent=2))

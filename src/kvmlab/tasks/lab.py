@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from invoke import Context
 
-from .. import lab as lab_mod, ui
-from ..errors import LabError
+from kvmlab.lab import runner as lab_mod
+from kvmlab.core import ui
+from kvmlab.core.errors import LabError
 from ._common import settings, task
 
 
@@ -51,7 +52,7 @@ def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", 
         qemu=qemu or None, force=force, skip=tuple(x for x in skip.split(",") if x),
         timeout=timeout or None, install_deps=install_deps)
     if hosts:
-        from .. import remote
+        from kvmlab.lab import remote
         remote.run_hosts(s, opts, hosts)
         return
     with ui.console.status("lab") as status:
@@ -64,7 +65,7 @@ def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", 
                        "fix it, then `invoke lab --resume` continues from there")
     ui.info(f"lock written: {res.lock_path}")
     if not no_verify:
-        from .. import verify as verify_mod
+        from kvmlab.lab import verify as verify_mod
         steps = [st for st in verify_mod.available_steps(s) if st in lab_mod.VERIFIED_STEPS]
         report = verify_mod.run_checks(s, steps, ["local://"], extra_env=lab_mod.verify_env(res))
         verify_mod.print_report(report)

@@ -1,12 +1,12 @@
-"""fetch and patch tasks (kvmlab.fetch, kvmlab.pipeline)."""
+"""fetch and patch tasks (kvmlab.source.fetch, kvmlab.source.prepare)."""
 from __future__ import annotations
 
 from invoke import Context
 
-from .. import ui
-from ..fetch import FetchOptions, FetchResult, fetch_source
-from ..pipeline import prepare
-from ..recipe import load_recipe
+from kvmlab.core import ui
+from kvmlab.source.fetch import FetchOptions, FetchResult, fetch_source
+from kvmlab.source.prepare import prepare
+from kvmlab.model.recipe import load_recipe
 from ._common import run_step_checks, settings, task
 
 _HELP = {

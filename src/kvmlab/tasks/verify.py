@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from invoke import Context
 
-from .. import ui, verify as verify_mod
-from ..errors import VerifyError
-from ..recipe import list_recipes
+from kvmlab.core import ui
+from kvmlab.lab import verify as verify_mod
+from kvmlab.core.errors import VerifyError
+from kvmlab.model.recipe import list_recipes
 from ._common import settings, task
 
 

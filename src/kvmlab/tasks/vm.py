@@ -5,8 +5,8 @@ import shlex
 
 from invoke import Context
 
-from .. import ui
-from ..errors import VMError
+from kvmlab.core import ui
+from kvmlab.core.errors import VMError
 from ._common import run_step_checks, settings, task
 
 
@@ -19,7 +19,7 @@ from ._common import run_step_checks, settings, task
 def create_image(ctx: Context, path: str, size: str = "10G", format: str = "qcow2",
                  force: bool = False, qemu_img: str = "", no_verify: bool = False) -> None:
     """Create a disk image with qemu-img (refuses to overwrite without --force)."""
-    from ..image import create_image as create, human_size
+    from kvmlab.boot.image import create_image as create, human_size
     s = settings(ctx)
     r = create(path, size, format, qemu_img=qemu_img or None, force=force, settings=s)
     ui.table("disk image", ["path", "format", "virtual size", "qemu-img", "status"],
@@ -39,7 +39,7 @@ def create_image(ctx: Context, path: str, size: str = "10G", format: str = "qcow
 def guest(ctx: Context, kind: str = "", kernel: str = "", init: str = "", force: bool = False,
           listing: bool = False) -> None:
     """Make (or show the cached) test guests."""
-    from .. import guest as g
+    from kvmlab.boot import guest as g
     s = settings(ctx)
     init_script = _read_init(init)
     rows = []
@@ -83,7 +83,7 @@ def boot_test(ctx: Context, qemu: str = "", accel: str = "auto", guest: str = ""
               init: str = "", dry_run: bool = False, show_command: bool = False,
               no_verify: bool = False) -> None:
     """Boot test guests headless with qemu; report booted, accelerator, time to marker."""
-    from .. import vm
+    from kvmlab.boot import vm
     s = settings(ctx)
     init_script = _read_init(init)
     if iso:

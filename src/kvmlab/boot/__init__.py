@@ -1,0 +1,1 @@
+"""boot: disk images, test guests and the boot test."""

@@ -1,0 +1,1 @@
+"""build: builder images, the container runner, qemu and kmod builds, artifacts."""

@@ -1,0 +1,1 @@
+"""core: errors, settings, the one process runner, files, stamps, terminal output."""

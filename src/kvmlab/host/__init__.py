@@ -1,0 +1,1 @@
+"""host: CPU and KVM facts, the doctor verdict, kvm modules, exit reasons."""

@@ -1,0 +1,1 @@
+"""install: transactional install of artifacts and firmware where qemu looks."""

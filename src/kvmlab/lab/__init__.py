@@ -1,0 +1,1 @@
+"""lab: the step registry, the whole pipeline, its lock, remote hosts, checks runner."""

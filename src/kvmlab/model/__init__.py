@@ -1,0 +1,1 @@
+"""model: typed recipes and the records passed between steps."""

@@ -1,0 +1,1 @@
+"""source: fetch, unpack (tar, source RPM), the patch runner, prepare a tree."""
