@@ -87,10 +87,12 @@ def test_lab_end_to_end_then_noop_check_and_corruption(lab_env, cli):
 
 
 def test_lab_stops_at_failing_step_and_resumes(lab_env, cli, tmp_path):
-    # a prefix that is a file: install fails with one clear error; nothing after it runs
-    blocker = tmp_path / "blocker"
+    # a file where install needs PREFIX/bin: install fails with one clear error; nothing after
+    # it runs (a --prefix that is itself a file is refused before the lab starts)
+    blocker = tmp_path / "pfx" / "bin"
+    blocker.parent.mkdir()
     blocker.write_text("in the way")
-    e = dict(lab_env, prefix=str(blocker / "usr"))
+    e = dict(lab_env, prefix=str(blocker.parent))
     r = cli(*lab_args(e), timeout=1500)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "lab stopped at install" in r.stderr
