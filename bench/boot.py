@@ -33,8 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from kvmlab.boot import guest as guest_mod  # noqa: E402
 from kvmlab import vm  # noqa: E402
+from kvmlab.boot import guest as guest_mod  # noqa: E402
 from kvmlab.core.settings import load_settings  # noqa: E402
 
 

@@ -55,11 +55,11 @@ def main() -> int:
     os.environ["KVMLAB_RECIPE"] = recipe_name
     os.environ["KVMLAB_BUILDER"] = args.builder
 
-    from kvmlab.build import qemu as B
     from kvmlab.build import images
-    from kvmlab.source import prepare as pipeline
+    from kvmlab.build import qemu as B
     from kvmlab.core.settings import load_settings
     from kvmlab.model.recipe import load_recipe
+    from kvmlab.source import prepare as pipeline
 
     s = load_settings()
     recipe = load_recipe(s.recipes_dir, recipe_name)

@@ -120,8 +120,8 @@ def main() -> None:
         proc.start()
         url = f"http://127.0.0.1:{parent.recv()}/range/{data.name}"
 
-        from kvmlab.source.fetch import FetchOptions, fetch_source
         from kvmlab.core.fsutil import sha256_file
+        from kvmlab.source.fetch import FetchOptions, fetch_source
         s, recipe = _bench_env(tmp, "bench", data.name, [url], sha256_file(data))
         opts = FetchOptions(progress=False)
 

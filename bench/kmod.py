@@ -44,9 +44,9 @@ def main() -> int:
     os.environ["KVMLAB_CACHE"] = str(tmp / "cache")
     os.environ["KVMLAB_LOCK"] = str(tmp / "state" / "kvmlab.lock")
 
-    from kvmlab.build import qemu as B
     from kvmlab.build import images
     from kvmlab.build import kmod as K
+    from kvmlab.build import qemu as B
     from kvmlab.core.settings import load_settings
     from kvmlab.model.recipe import load_recipe
 

@@ -14,8 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from support.build import (build_containers, compile_error_patch, docker_available, fake_home,
-                           version_patch)
+from support.build import (
+    build_containers,
+    compile_error_patch,
+    docker_available,
+    fake_home,
+    version_patch,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
@@ -35,8 +40,8 @@ def docker_client():
 @pytest.fixture(scope="session")
 def debian12_image(docker_client, tmp_path_factory):
     """The real builder image, built once per session (cached by its inputs tag across runs)."""
-    from kvmlab.core.settings import load_settings
     from kvmlab.build.images import ensure_image
+    from kvmlab.core.settings import load_settings
     state = tmp_path_factory.mktemp("images-state")
     s = load_settings({"home": str(REPO), "state_dir": str(state),
                        "cache": str(state / "cache")})

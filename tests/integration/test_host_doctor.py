@@ -204,9 +204,9 @@ def test_explain_exit_cli(cli, kvmlab_env):
 def test_host_checks_on_a_docker_host(kvmlab_env):
     """The testinfra checks through docker:// use `python3 -m kvmlab.host.doctor --probe/--doctor` inside
     the container; its verdict is the host's (same kernel, same /dev/kvm)."""
-    from kvmlab.lab import verify
-    from kvmlab.core.errors import DockerError
     from kvmlab.build.images import docker_client, ensure_image
+    from kvmlab.core.errors import DockerError
+    from kvmlab.lab import verify
     try:
         client = docker_client(timeout=30)
     except DockerError as e:

@@ -20,9 +20,9 @@ def test_make_install_in_the_builder(tmp_path, monkeypatch):
     if reason:
         pytest.skip(f"no docker daemon: {reason}")
     from kvmlab.build import qemu as build
-    from kvmlab.install import txn as inst
-    from kvmlab.core.settings import load_settings
     from kvmlab.build.images import docker_client
+    from kvmlab.core.settings import load_settings
+    from kvmlab.install import txn as inst
     from kvmlab.model.recipe import load_recipe
     state = tmp_path / "state"
     state.mkdir()

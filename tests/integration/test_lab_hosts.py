@@ -16,8 +16,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
 @pytest.fixture
 def hosts3(kvmlab_env, tmp_path):
-    from kvmlab.core.errors import DockerError
     from kvmlab.build.images import docker_client
+    from kvmlab.core.errors import DockerError
     try:
         docker_client()
     except DockerError as e:

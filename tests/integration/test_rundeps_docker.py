@@ -29,9 +29,9 @@ def target(tmp_path, monkeypatch):
     if reason:
         pytest.skip(f"no docker daemon: {reason}")
     from kvmlab.build import qemu as build
-    from kvmlab.lab import remote
-    from kvmlab.core.settings import load_settings
     from kvmlab.build.images import docker_client, ensure_image
+    from kvmlab.core.settings import load_settings
+    from kvmlab.lab import remote
     from kvmlab.model.recipe import load_recipe
     env = fake_home(tmp_path / "home")
     recipe_file = Path(env["KVMLAB_RECIPES_DIR"]) / "fake-qemu.toml"

@@ -75,8 +75,8 @@ def el6home(tmp_path, kvmlab_env, monkeypatch):
 
 
 def test_srpm_prep_then_compat_series(el6home):
-    from kvmlab.source.prepare import prepare
     from kvmlab.model.recipe import load_recipe
+    from kvmlab.source.prepare import prepare
     settings, rpm = el6home
     recipe = load_recipe(settings.recipes_dir, "el6demo")
     res = prepare(settings, recipe, "debian12", offline=False)
@@ -87,8 +87,8 @@ def test_srpm_prep_then_compat_series(el6home):
 
 
 def test_plain_tree_source_skips_prep(el6home, tmp_path):
-    from kvmlab.source.prepare import prepare
     from kvmlab.model.recipe import load_recipe
+    from kvmlab.source.prepare import prepare
     settings, _ = el6home
     tree = tmp_path / "prepared"
     tree.mkdir()
@@ -101,8 +101,8 @@ def test_plain_tree_source_skips_prep(el6home, tmp_path):
 
 
 def test_missing_spec_patch_fails_clearly(el6home, tmp_path):
-    from kvmlab.source.prepare import prepare
     from kvmlab.model.recipe import load_recipe
+    from kvmlab.source.prepare import prepare
     settings, _ = el6home
     bad = write_srpm(tmp_path / "bad.src.rpm", SPEC,
                      {"demo-1.0.tar.gz": tarball({"a.txt": "alpha\n"}, "demo-1.0"),

@@ -7,7 +7,6 @@ from pathlib import Path
 from support.fakeqemu import make_fake_home, tree_files
 
 
-
 def _header(fixes: str) -> str:
     """A header with every field kvmlab.source.patch requires (whatever their names are today)."""
     from kvmlab.source.patch import HEADER_FIELDS
@@ -51,8 +50,8 @@ def fake_home(base: Path, *, patches: dict[str, str] | None = None, make: list[s
 
 def docker_available() -> str | None:
     """None when a docker daemon answers, else the reason."""
-    from kvmlab.core.errors import DockerError
     from kvmlab.build.images import docker_client
+    from kvmlab.core.errors import DockerError
     try:
         docker_client(timeout=10).close()
         return None

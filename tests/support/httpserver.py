@@ -32,7 +32,7 @@ MODES = ("normal", "range", "cut", "missing", "wrong", "slow", "flaky", "stall")
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
     protocol_version = "HTTP/1.1"
 
     def log_message(self, *args) -> None:  # keep test output clean
@@ -148,7 +148,7 @@ class LoopbackServer:
     def url(self, mode: str, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{mode}/{name}"
 
-    def start(self) -> "LoopbackServer":
+    def start(self) -> LoopbackServer:
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self  # type: ignore[attr-defined]
         self.port = self._httpd.server_address[1]
@@ -165,7 +165,7 @@ class LoopbackServer:
             self._thread.join(timeout=5)
             self._httpd = None
 
-    def __enter__(self) -> "LoopbackServer":
+    def __enter__(self) -> LoopbackServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -194,7 +194,7 @@ class Blackhole:
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
 
-    def __enter__(self) -> "Blackhole":
+    def __enter__(self) -> Blackhole:
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(0)
         self.port = self._listener.getsockname()[1]

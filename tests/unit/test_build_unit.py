@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab.core.proc import sigterm_as_interrupt
-
 from kvmlab.build import qemu as B
 from kvmlab.core.errors import BuildError
+from kvmlab.core.proc import sigterm_as_interrupt
 from kvmlab.model.recipe import parse_recipe
 from support.fakeqemu import fake_recipe_toml, write_fake_qemu_tree
 
@@ -141,10 +140,9 @@ def test_missing_option_rom_is_a_warning(tmp_path, recipe, capsys):
 
 def test_sigterm_becomes_keyboardinterrupt_only_inside():
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):
-        with sigterm_as_interrupt():
-            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode
-            pytest.fail("SIGTERM did not interrupt")
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode
+        pytest.fail("SIGTERM did not interrupt")
     assert signal.getsignal(signal.SIGTERM) == before
 
 

@@ -4,7 +4,12 @@ import subprocess
 
 import pytest
 
-from support.fakeqemu import build_fake_qemu_native, make_fake_qemu_tarball, sha256_file, write_fake_qemu_tree
+from support.fakeqemu import (
+    build_fake_qemu_native,
+    make_fake_qemu_tarball,
+    sha256_file,
+    write_fake_qemu_tree,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this host")
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab.boot import image
-from kvmlab.boot import vm
+from kvmlab.boot import image, vm
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/dpkg-query"),
                                 reason="not a dpkg-based host")

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import pytest
 
-from kvmlab.host import cpu
-from kvmlab.host import exits
+from kvmlab.core.errors import HostError
+from kvmlab.host import cpu, exits
 from kvmlab.host import doctor as host
 from kvmlab.host import modules as kmod
-from kvmlab.core.errors import HostError
 
 
 # --- CPUID -----------------------------------------------------------------------------------

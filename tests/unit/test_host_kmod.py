@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab.host import modules as kmod
 from kvmlab.core.errors import HostError
+from kvmlab.host import modules as kmod
 
 REL = "6.1.0-9-amd64"
 

@@ -53,8 +53,8 @@ def write_out(s, r, contents: dict[str, bytes] | None = None) -> Path:
 
 
 def test_missing_build_output_says_build_first(env):
-    from kvmlab.install import txn as inst
     from kvmlab.core.errors import InstallError
+    from kvmlab.install import txn as inst
     s, r, tmp = env
     with pytest.raises(InstallError) as ei:
         inst.install(s, r, "native", destdir=str(tmp / "d"))
@@ -63,8 +63,8 @@ def test_missing_build_output_says_build_first(env):
 
 
 def test_incomplete_build_output_is_refused(env):
-    from kvmlab.install import txn as inst
     from kvmlab.core.errors import InstallError
+    from kvmlab.install import txn as inst
     s, r, tmp = env
     out = write_out(s, r)
     (out / "bin/qemu-io").unlink()
@@ -73,8 +73,8 @@ def test_incomplete_build_output_is_refused(env):
 
 
 def test_unknown_mode(env):
-    from kvmlab.install import txn as inst
     from kvmlab.core.errors import InstallError
+    from kvmlab.install import txn as inst
     s, r, tmp = env
     with pytest.raises(InstallError, match="unknown install mode 'move'"):
         inst.install(s, r, "native", mode="move")
@@ -152,8 +152,8 @@ def test_uninstall_leaves_files_changed_since_unless_forced(env):
 
 
 def test_uninstall_nothing_installed(env):
-    from kvmlab.install import txn as inst
     from kvmlab.core.errors import InstallError
+    from kvmlab.install import txn as inst
     s, r, tmp = env
     with pytest.raises(InstallError, match="nothing installed by kvmlab under"):
         inst.uninstall(s, destdir=str(tmp / "d"))

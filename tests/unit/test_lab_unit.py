@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from kvmlab.lab import runner as lab
-from kvmlab.lab import remote
 from kvmlab.core.errors import LabError
+from kvmlab.lab import remote
+from kvmlab.lab import runner as lab
 
 
 def test_inventory_lines_and_toml(tmp_path):

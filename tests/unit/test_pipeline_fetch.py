@@ -4,9 +4,9 @@ import json
 import pytest
 
 from kvmlab.core.errors import ChecksumError, FetchError
+from kvmlab.core.fsutil import tree_sha256
 from kvmlab.source.fetch import cache_path, fetch_source, stamp_path
 from kvmlab.source.prepare import prepare
-from kvmlab.core.fsutil import tree_sha256
 from support.fakeqemu import make_fake_qemu_tarball, sha256_file, write_fake_qemu_tree
 from support.pipeline import cached_files, fake_project, tree_hashes
 
@@ -112,6 +112,7 @@ def test_missing_source_path(tmp_path, monkeypatch, kvmlab_env, tarball):
 def _bad_sources(tmp_path):
     """name -> (a --source path a user might give by mistake, what the error must say)."""
     import gzip
+
     from support.pipeline import make_tar
     from support.rpmgen import write_rpm
     d = tmp_path / "bad"

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from kvmlab.core.errors import PatchError
-from kvmlab.source.patch import apply_series, lint_patch, read_series
 from kvmlab.model.recipe import BuilderConfig
+from kvmlab.source.patch import apply_series, lint_patch, read_series
 from support.fakeqemu import write_fake_qemu_tree
 from support.pipeline import fake_project, make_patch, tree_hashes
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from kvmlab.source import tar as unpack_mod
 from kvmlab.core.errors import UnpackError
+from kvmlab.source import tar as unpack_mod
 from kvmlab.source.prepare import prepare
 from kvmlab.source.tar import extract
 from support.fakeqemu import make_fake_qemu_tarball, write_fake_qemu_tree

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab.source.patch import read_series
 from kvmlab.model.recipe import load_recipe
+from kvmlab.source.patch import read_series
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = "qemu-kvm-0.12.1.2"

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab.boot import guest
-from kvmlab.boot import image
-from kvmlab.boot import vm
+from kvmlab.boot import guest, image, vm
 from kvmlab.core.errors import ImageError, VMError
 
 

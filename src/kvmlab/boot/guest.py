@@ -34,9 +34,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmlab.core.settings import Settings
-from kvmlab.core.fsutil import json_sha256
 from kvmlab.core.errors import VMError
+from kvmlab.core.fsutil import json_sha256
+from kvmlab.core.settings import Settings
 
 KINDS = ("tiny", "linux", "iso")
 MARKER = "KVMLAB-BOOT-OK"

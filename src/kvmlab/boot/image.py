@@ -16,8 +16,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmlab.core.settings import Settings
 from kvmlab.core.errors import ImageError
+from kvmlab.core.settings import Settings
 
 FORMATS = ("qcow2", "raw")
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

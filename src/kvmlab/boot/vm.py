@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any
 
 from kvmlab.boot import guest as guest_mod
-from kvmlab.core.settings import Settings
-from kvmlab.core.fsutil import atomic_write_json
 from kvmlab.core.errors import ImageError, KvmlabError, VMError
+from kvmlab.core.fsutil import atomic_write_json
 from kvmlab.core.proc import kill_group, sigterm_as_interrupt
+from kvmlab.core.settings import Settings
 
 ACCELS = ("auto", "kvm", "tcg")
 GUESTS = ("tiny", "linux", "iso")
@@ -238,7 +238,9 @@ def default_qemu(settings: Settings | None) -> Path:
     the distribution's package (when PATH has none)."""
     if settings is not None:
         try:
-            from kvmlab.install.txn import installed_qemu  # owned by helper "install"; optional here
+            from kvmlab.install.txn import (
+                installed_qemu,  # owned by helper "install"; optional here
+            )
             q = installed_qemu(settings)
             if q and Path(q).exists():
                 return Path(q)

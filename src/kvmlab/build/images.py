@@ -20,14 +20,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from kvmlab.core import ui
-from kvmlab.core.settings import Settings
-from kvmlab.core.fsutil import json_sha256
 from kvmlab.core.errors import DockerError
+from kvmlab.core.fsutil import json_sha256
+from kvmlab.core.settings import Settings
 
 IMAGE_BUILDERS = ("debian12", "centos6", "debian12-kmod", "debian12-el6", "centos6-el6")  # debian12-kmod: kvmlab.build.kmod
 BASE_REPO = "kvmlab/base-{name}"

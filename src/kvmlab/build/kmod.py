@@ -33,14 +33,15 @@ import shutil
 import struct
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from kvmlab.core import ui
-from kvmlab.core.settings import Settings
 from kvmlab.core.errors import BuildError, DockerError, HostError, RecipeError
 from kvmlab.core.fsutil import atomic_write_json, read_json, replace_dir, sha256_file, tree_sha256
+from kvmlab.core.settings import Settings
 from kvmlab.model.recipe import Recipe, load_recipe
 
 MANIFEST = "manifest.json"
@@ -715,9 +716,19 @@ def build_kmod(settings: Settings, recipe: Recipe | str, builder: str, *, jobs: 
                quiet: bool = False, timeout: float | None = None) -> Any:
     """Build a kind = "kmod" recipe: returns kvmlab.build.qemu.BuildResult(out_dir, manifest, noop)."""
     from kvmlab.build import images
-    from kvmlab.build.qemu import (BuildResult, _LogSink, _run_container, _sha, build_dir, log_path, CCACHE_DIR, CONTAINER_PATH, DEFAULT_TIMEOUT)
-    from kvmlab.source.patch import apply_series, read_series
+    from kvmlab.build.qemu import (
+        CCACHE_DIR,
+        CONTAINER_PATH,
+        DEFAULT_TIMEOUT,
+        BuildResult,
+        _LogSink,
+        _run_container,
+        _sha,
+        build_dir,
+        log_path,
+    )
     from kvmlab.core.proc import sigterm_as_interrupt
+    from kvmlab.source.patch import apply_series, read_series
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     if isinstance(recipe, str):
         recipe = load_recipe(settings.recipes_dir, recipe)

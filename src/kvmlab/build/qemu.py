@@ -34,16 +34,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from kvmlab.core import ui
-from kvmlab.core.settings import Settings
 from kvmlab.core.errors import BuildError, DockerError
 from kvmlab.core.fsutil import json_sha256, sha256_file
 from kvmlab.core.proc import sigterm_as_interrupt
+from kvmlab.core.settings import Settings
 from kvmlab.model.recipe import Recipe, load_recipe
 
 CCACHE_VOLUME = "kvmlab-ccache"  # KVMLAB_CCACHE_VOLUME overrides it (benchmarks: a cold cache)

@@ -66,8 +66,8 @@ def _qemu_img(host, kvmlab_settings, recorded: str | None, near: str | None = No
 
 
 def _check_image(host, path: str, fmt: str, size: int, qemu_img: str) -> None:
-    from kvmlab.core.errors import ImageError
     from kvmlab.boot.image import parse_info
+    from kvmlab.core.errors import ImageError
     assert host.file(path).exists, f"{path} missing"
     assert host.file(qemu_img).exists, f"{qemu_img} (the qemu-img that made {path}) is gone"
     out = host.run("%s info %s", qemu_img, path)

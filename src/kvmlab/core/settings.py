@@ -7,9 +7,10 @@ configuration (``kvmlab:`` section of invoke.yaml / kvmlab.yaml) > default.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from kvmlab.core.errors import ConfigError
 

@@ -161,7 +161,7 @@ def api_facts(path: str = DEV_KVM) -> dict[str, Any]:
         os.close(fd)
 
 
-def _decode_exit(run: "mmap.mmap | bytes") -> dict[str, Any]:
+def _decode_exit(run: mmap.mmap | bytes) -> dict[str, Any]:
     """Decode struct kvm_run after KVM_RUN returned: exit reason and the union member used."""
     reason = struct.unpack_from("<I", run, _RUN_EXIT_REASON)[0]
     rec: dict[str, Any] = {"exit_reason": reason, "exit_name": KVM_EXITS.get(reason, "?")}

@@ -11,9 +11,10 @@ import os
 import platform
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kvmlab.core.errors import HostError
 

@@ -41,14 +41,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from kvmlab.core.settings import Settings
 from kvmlab.core.errors import InstallError
 from kvmlab.core.fsutil import atomic_write_json, sha256_file
 from kvmlab.core.proc import kill_group
+from kvmlab.core.settings import Settings
 from kvmlab.model.recipe import Recipe, load_recipe
 
 MODES = ("copy", "symlink", "make-install")

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from kvmlab.core import ui
-from kvmlab.core.settings import Settings
 from kvmlab.core.errors import LabError
 from kvmlab.core.fsutil import atomic_write_bytes
+from kvmlab.core.settings import Settings
 
 HOST_STEPS_SKIP = ("fetch", "patch", "images", "build")
 REMOTE_ROOT = "/var/tmp/kvmlab-remote"

@@ -15,14 +15,15 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kvmlab.core import ui
-from kvmlab.core.settings import Settings
 from kvmlab.core.errors import HostError, KvmlabError, LabError
 from kvmlab.core.fsutil import atomic_write_json, json_sha256, read_json, sha256_file
+from kvmlab.core.settings import Settings
 from kvmlab.model.recipe import Recipe, load_recipe
 
 LOCK_SCHEMA = 1

@@ -16,8 +16,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmlab.core.settings import Settings
 from kvmlab.core.errors import VerifyError
+from kvmlab.core.settings import Settings
 
 
 @dataclass

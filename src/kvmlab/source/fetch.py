@@ -31,17 +31,18 @@ import hashlib
 import os
 import stat
 import threading
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from queue import Queue
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from kvmlab import __version__
 from kvmlab.core import ui
-from kvmlab.core.settings import Settings
 from kvmlab.core.errors import ChecksumError, ConfigError, FetchError, UnpackError
 from kvmlab.core.fsutil import CHUNK, atomic_write_json, read_json, sha256_file, tree_sha256
+from kvmlab.core.settings import Settings
 from kvmlab.model.recipe import Recipe
 from kvmlab.source.srpm import is_srpm
 from kvmlab.source.tar import check_archive, check_tree
@@ -59,7 +60,7 @@ class FetchOptions:
     progress: bool | None = None   # None: rich bar on a terminal, plain lines otherwise
 
     @classmethod
-    def from_env(cls, timeout: float | None = None) -> "FetchOptions":
+    def from_env(cls, timeout: float | None = None) -> FetchOptions:
         """Defaults, overridden by KVMLAB_FETCH_TIMEOUT / KVMLAB_FETCH_RETRIES and a --timeout."""
         try:
             read = float(timeout or os.environ.get("KVMLAB_FETCH_TIMEOUT") or cls.read_timeout)
@@ -141,7 +142,7 @@ def _record_lock(settings: Settings, recipe: Recipe, sha: str, origin: str,
                                "commit this file, every later fetch must match")
     entries[lock_key(recipe)] = {
         "sha256": sha, "url": origin,
-        "recorded": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        "recorded": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
     atomic_write_json(settings.lock, data)
     if not relock:
         ui.warn(f"[bold]{recipe.source.file} has no pinned sha256: recorded {sha} (from {origin}) "

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvmlab.core.settings import Settings
-from kvmlab.source.fetch import FetchOptions, FetchResult, fetch_source
 from kvmlab.core.fsutil import atomic_write_json, read_json, replace_dir
-from kvmlab.source.patch import apply_series, read_series
+from kvmlab.core.settings import Settings
 from kvmlab.model.recipe import Recipe
+from kvmlab.source.fetch import FetchOptions, FetchResult, fetch_source
+from kvmlab.source.patch import apply_series, read_series
 from kvmlab.source.tar import extract
 
 

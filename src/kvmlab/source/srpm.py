@@ -46,10 +46,11 @@ import stat
 import struct
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from kvmlab.core.errors import UnpackError
 from kvmlab.core.fsutil import replace_dir, sha256_file

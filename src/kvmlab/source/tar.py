@@ -210,7 +210,7 @@ def check_archive(path: Path, recipe: Any, name: str | None = None) -> str:
     files, kept, names = 0, 0, set()
     try:
         tf = tarfile.open(path, "r:*")
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError):
         raise UnpackError(f"{label} is not an archive kvmlab can unpack "
                           f"({st.st_size} bytes; {ARCHIVES} expected)",
                           hint="an HTML error page saved as the file? check what it is "

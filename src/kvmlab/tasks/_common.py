@@ -6,16 +6,18 @@ import functools
 import inspect
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from invoke import Config, Context, Exit, Task, task as invoke_task
+from invoke import Config, Context, Exit, Task
+from invoke import task as invoke_task
 from invoke.exceptions import ParseError
 from invoke.parser import Argument
 
 from kvmlab.core import ui
-from kvmlab.core.settings import Settings, load_settings
 from kvmlab.core.errors import KvmlabError
+from kvmlab.core.settings import Settings, load_settings
 from kvmlab.tasks import _flags
 
 
@@ -177,8 +179,8 @@ def run_step_checks(s: Settings, step: str, no_verify: bool = False,
     """Run kvmlab/checks/test_<step>.py against local:// after a step (skipped with --no-verify)."""
     if no_verify:
         return
-    from kvmlab.lab import verify as verify_mod
     from kvmlab.core.errors import VerifyError
+    from kvmlab.lab import verify as verify_mod
     report = verify_mod.run_checks(s, [step], ["local://"], extra_env=extra_env)
     if not report.ok:
         verify_mod.print_report(report)

@@ -5,6 +5,7 @@ from invoke import Context
 
 from kvmlab.core import ui
 from kvmlab.core.errors import ConfigError, DockerError
+
 from ._common import run_step_checks, settings, task
 
 

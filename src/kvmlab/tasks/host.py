@@ -7,6 +7,7 @@ from invoke import Context
 
 from kvmlab.core import ui
 from kvmlab.core.errors import HostError
+
 from ._common import run_step_checks, settings, task
 
 

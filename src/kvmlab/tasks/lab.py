@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from invoke import Context
 
-from kvmlab.lab import runner as lab_mod
 from kvmlab.core import ui
 from kvmlab.core.errors import LabError
+from kvmlab.lab import runner as lab_mod
+
 from ._common import settings, task
 
 

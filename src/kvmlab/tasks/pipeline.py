@@ -4,9 +4,10 @@ from __future__ import annotations
 from invoke import Context
 
 from kvmlab.core import ui
+from kvmlab.model.recipe import load_recipe
 from kvmlab.source.fetch import FetchOptions, FetchResult, fetch_source
 from kvmlab.source.prepare import prepare
-from kvmlab.model.recipe import load_recipe
+
 from ._common import run_step_checks, settings, task
 
 _HELP = {

@@ -4,9 +4,10 @@ from __future__ import annotations
 from invoke import Context
 
 from kvmlab.core import ui
-from kvmlab.lab import verify as verify_mod
 from kvmlab.core.errors import VerifyError
+from kvmlab.lab import verify as verify_mod
 from kvmlab.model.recipe import list_recipes
+
 from ._common import settings, task
 
 

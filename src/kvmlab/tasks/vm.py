@@ -7,6 +7,7 @@ from invoke import Context
 
 from kvmlab.core import ui
 from kvmlab.core.errors import VMError
+
 from ._common import run_step_checks, settings, task
 
 
@@ -19,7 +20,8 @@ from ._common import run_step_checks, settings, task
 def create_image(ctx: Context, path: str, size: str = "10G", format: str = "qcow2",
                  force: bool = False, qemu_img: str = "", no_verify: bool = False) -> None:
     """Create a disk image with qemu-img (refuses to overwrite without --force)."""
-    from kvmlab.boot.image import create_image as create, human_size
+    from kvmlab.boot.image import create_image as create
+    from kvmlab.boot.image import human_size
     s = settings(ctx)
     r = create(path, size, format, qemu_img=qemu_img or None, force=force, settings=s)
     ui.table("disk image", ["path", "format", "virtual size", "qemu-img", "status"],
