@@ -40,8 +40,14 @@ from kvmlab.core.settings import Settings
 from kvmlab.core.stamps import Stamp
 from kvmlab.model.recipe import Recipe
 from kvmlab.source.lock import expected_sha256, record_lock, relock_hint
-from kvmlab.source.mirrors import (FetchOptions, Part, UrlFailed, fetch_file_url, fetch_http,
-                                   http_session)
+from kvmlab.source.mirrors import (
+    FetchOptions,
+    Part,
+    UrlFailed,
+    fetch_file_url,
+    fetch_http,
+    http_session,
+)
 from kvmlab.source.srpm import is_srpm
 from kvmlab.source.tar import check_archive, check_tree
 
@@ -248,33 +254,16 @@ def _fetch(settings: Settings, recipe: Recipe, source: str | Path | None, offlin
         raise FetchError("--relock fetches the source again, which --offline forbids",
                          hint="drop --offline, or give --source PATH with the copy to lock")
     if source:
-        p, is_dir = _local_source(source, recipe)
-        local_tree = is_dir or (recipe.source.format == "srpm" and not is_srpm(p))
-        if local_tree and relock:
-            raise FetchError(f"--relock: --source {source} is "
-                             f"{'a directory' if is_dir else 'a plain tree, not a source RPM'}; "
-                             "such sources are hashed on every use, never locked",
-                             hint=f"give the {file} to lock with --relock, or drop --relock")
-        if is_dir:
-            try:
-                sha = tree_sha256(p)
-            except OSError as e:
-                raise FetchError(f"--source {source}: cannot read {e.filename}: "
-                                 f"{(e.strerror or str(e)).lower()}",
-                                 hint="every file of a source directory must be readable") from None
-            return FetchResult(recipe.name, file, "dir", p, sha, 0, str(p), "local", "dir hash")
-        if local_tree:
-            # a plain (already %prep'ed) tree tarball for an srpm recipe: hashed, never locked
-            # as the source RPM's checksum
-            return FetchResult(recipe.name, p.name, "tarball", p, sha256_file(p),
-                               p.stat().st_size, str(p), "local", "local tree")
+        p, local = _local_tree(source, recipe, relock)
+        if local is not None:
+            return local
     if relock:
         previous, _ = expected_sha256(settings, recipe)
         urls = [p.as_uri()] if source else list(recipe.source.urls)
         r = _download(settings, recipe, urls, None, "relocked", opts, validate=not source,
                       local=str(p) if source else None)
-        return replace(r, previous=previous, **({"origin": str(p), "status": "local"}
-                                                if source else {}))
+        r = replace(r, previous=previous)
+        return replace(r, origin=str(p), status="local") if source else r
     expected, check = expected_sha256(settings, recipe)
     if source:  # always hashed: it must be the pinned/locked tarball
         r = _download(settings, recipe, [p.as_uri()], expected, check, opts, validate=False,
@@ -296,3 +285,32 @@ def _fetch(settings: Settings, recipe: Recipe, source: str | Path | None, offlin
             hint=f"run `invoke fetch --recipe {recipe.name}` once with network access, or use "
                  "--source PATH with a local copy")
     return _download(settings, recipe, list(recipe.source.urls), expected, check, opts)
+
+
+def _local_tree(source: str | Path, recipe: Recipe, relock: bool
+                ) -> tuple[Path, FetchResult | None]:
+    """--source given: (its resolved path, the result for a directory or a plain tree, hashed on
+    every use and never locked; None when it is the recipe's own archive, checked against its
+    pin/lock by the caller)."""
+    file = recipe.source.file
+    p, is_dir = _local_source(source, recipe)
+    local_tree = is_dir or (recipe.source.format == "srpm" and not is_srpm(p))
+    if local_tree and relock:
+        raise FetchError(f"--relock: --source {source} is "
+                         f"{'a directory' if is_dir else 'a plain tree, not a source RPM'}; "
+                         "such sources are hashed on every use, never locked",
+                         hint=f"give the {file} to lock with --relock, or drop --relock")
+    if is_dir:
+        try:
+            sha = tree_sha256(p)
+        except OSError as e:
+            raise FetchError(f"--source {source}: cannot read {e.filename}: "
+                             f"{(e.strerror or str(e)).lower()}",
+                             hint="every file of a source directory must be readable") from None
+        return p, FetchResult(recipe.name, file, "dir", p, sha, 0, str(p), "local", "dir hash")
+    if local_tree:
+        # a plain (already %prep'ed) tree tarball for an srpm recipe: hashed, never locked
+        # as the source RPM's checksum
+        return p, FetchResult(recipe.name, p.name, "tarball", p, sha256_file(p),
+                              p.stat().st_size, str(p), "local", "local tree")
+    return p, None

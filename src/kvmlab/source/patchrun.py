@@ -14,14 +14,16 @@ import bz2
 import gzip
 import lzma
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kvmlab.core import proc
 from kvmlab.core.errors import KvmlabError, PatchError
 
 PATCH_TIMEOUT = 300
-_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_OPENERS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,8 @@ def _input(path: Path) -> bytes:
     if opener is None:
         return path.read_bytes()
     with opener(path, "rb") as f:
-        return f.read()  # type: ignore[no-any-return]
+        data: bytes = f.read()
+    return data
 
 
 def explain(output: str) -> str:

@@ -159,20 +159,20 @@ def read_rpm(path: Path) -> RpmInfo:
 def _stdlib_stream(comp: str, f: IO[bytes]) -> IO[bytes] | None:
     """A decompressing reader over f for the compressors Python has; None for the others."""
     if comp == "gzip":
-        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
+        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]  # GzipFile is an IO[bytes]
     if comp == "xz":
-        return lzma.LZMAFile(f, "rb")  # type: ignore[return-value]
+        return lzma.LZMAFile(f, "rb")
     if comp == "lzma":
-        return lzma.LZMAFile(f, "rb", format=lzma.FORMAT_ALONE)  # type: ignore[return-value]
+        return lzma.LZMAFile(f, "rb", format=lzma.FORMAT_ALONE)
     if comp == "bzip2":
-        return bz2.BZ2File(f, "rb")  # type: ignore[return-value]
+        return bz2.BZ2File(f, "rb")
     return None
 
 
 def _zstd_stream(f: IO[bytes]) -> tuple[IO[bytes], proc.Popen | None]:
     """The zstandard module when installed (optional, not a dependency), else ``zstd -dc``."""
     try:
-        import zstandard  # type: ignore[import-not-found]  # optional third-party package
+        import zstandard  # optional third-party package, imported only when a payload needs it
         return zstandard.ZstdDecompressor().stream_reader(f), None
     except ImportError:
         tool = shutil.which("zstd")
