@@ -55,10 +55,10 @@ series = "series"
 
 @pytest.fixture
 def el6home(tmp_path, kvmlab_env, monkeypatch):
-    import kvmlab.source.tar
-    if "srpm" not in inspect.getsource(kvmlab.source.tar):
-        pytest.skip("source format 'srpm' is not wired into kvmlab.source.tar yet (integration edit "
-                    "pending, see the rhel6 helper's report)")
+    import kvmlab.source.unpack
+    if "srpm" not in inspect.getsource(kvmlab.source.unpack):
+        pytest.skip("source format 'srpm' is not wired into kvmlab.source.unpack yet "
+                    "(integration edit pending, see the rhel6 helper's report)")
     home = tmp_path / "home"
     rpm = write_srpm(tmp_path / "demo-1.0-1.src.rpm", SPEC,
                      {"demo-1.0.tar.gz": tarball({"a.txt": "alpha\n"}, "demo-1.0"),

@@ -26,7 +26,7 @@ def test_file_url_locks_on_first_use_then_mismatch_is_fatal(tmp_path, monkeypatc
     assert "no pinned sha256: recorded " + sha in capsys.readouterr().err.replace("\n", " ")
     lock = json.loads(s.lock.read_text())
     assert lock["sources"][f"{r.name}/{tarball.name}"]["sha256"] == sha
-    assert json.loads(stamp_path(s, r).read_text())["sha256"] == sha
+    assert json.loads(stamp_path(s, r).read_text())["record"]["sha256"] == sha
     assert fetch_source(s, r).status == "cached"
     # the mirror now serves another tarball under the same name: the lock catches it
     make_fake_qemu_tarball(tmp_path / "dist", kvm_version="qemu-kvm-0.12.1.2-evil")

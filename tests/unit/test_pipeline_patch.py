@@ -157,3 +157,35 @@ def test_patch_for_a_missing_file_names_it(tmp_path, monkeypatch, kvmlab_env, tr
     with pytest.raises(PatchError, match="patch x.patch does not apply: nosuch.c: file to patch "
                                          "not found"):
         apply_series(tree, read_series(s.patches_dir, r, "debian12"))
+
+
+def test_failing_patch_leaves_no_half_applied_hunks(tmp_path, monkeypatch, kvmlab_env, tree):
+    """The one patch runner dry-runs first: even patching in place (scratch=False), a patch whose
+    second hunk fails leaves its first file untouched."""
+    version = (tree / "VERSION").read_text()
+    good = edit(tree, "VERSION", "0.12.1", "0.12.1-kvmlab")
+    bad = make_patch("vl.c", "/* other */\n", "/* changed */\n")
+    both = good + bad[bad.index("--- "):]
+    s, r = project(tmp_path, monkeypatch, {"1.patch": both})
+    with pytest.raises(PatchError, match=r"patch 1.patch does not apply: vl.c: hunk #1 FAILED"):
+        apply_series(tree, read_series(s.patches_dir, r, "debian12"), scratch=False)
+    assert (tree / "VERSION").read_text() == version
+
+
+def test_patch_stamp_from_before_stamps_is_read_but_not_fresh(tmp_path, monkeypatch, kvmlab_env):
+    """A patch.json written before kvmlab.core.stamps (the record's keys at its top) is still
+    read (the lab lock compares its patches), and prepare redoes the tree instead of trusting it."""
+    import json
+
+    from kvmlab.source.prepare import patch_stamp_path, prepare, read_patch_stamp
+    s, r = fake_project(tmp_path, monkeypatch)
+    checkout = write_fake_qemu_tree(tmp_path / "checkout")
+    first = prepare(s, r, "debian12", source=checkout)
+    record = read_patch_stamp(s, r)
+    assert record["patches"] == first.patches and record["source_sha256"] == first.source_sha256
+    patch_stamp_path(s, r).write_text(json.dumps(record))  # the old, flat format
+    assert read_patch_stamp(s, r) == record
+    again = prepare(s, r, "debian12", source=checkout)
+    assert not again.noop and again.unpacked
+    assert json.loads(patch_stamp_path(s, r).read_text())["record"] == record
+    assert prepare(s, r, "debian12", source=checkout).noop

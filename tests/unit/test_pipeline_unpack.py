@@ -7,7 +7,7 @@ import pytest
 from kvmlab.core.errors import UnpackError
 from kvmlab.source import tar as unpack_mod
 from kvmlab.source.prepare import prepare
-from kvmlab.source.tar import extract
+from kvmlab.source.unpack import extract
 from support.fakeqemu import make_fake_qemu_tarball, write_fake_qemu_tree
 from support.pipeline import fake_project, make_tar, tree_hashes
 

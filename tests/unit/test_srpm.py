@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from kvmlab.source.srpm import SrpmError, extract_rpm, is_srpm, parse_spec, read_rpm, unpack_srpm
+from kvmlab.source.spec import parse_spec
+from kvmlab.source.srpm import SrpmError, extract_rpm, is_srpm, read_rpm
+from kvmlab.source.unpack import unpack_srpm
 from support.rpmgen import tarball, write_rpm, write_srpm
 
 TREE = {"a.txt": "alpha\n", "sub/b.txt": "one\ntwo\nthree\n"}

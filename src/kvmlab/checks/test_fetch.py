@@ -4,14 +4,18 @@ import json
 
 import pytest
 
-from kvmlab.source.fetch import cache_path, expected_sha256, stamp_path
+from kvmlab.source.fetch import cache_path, stamp_path
+from kvmlab.source.lock import expected_sha256
 
 
 @pytest.fixture(scope="module")
 def stamp(host, kvmlab_settings, recipe):
     f = host.file(str(stamp_path(kvmlab_settings, recipe)))
     assert f.exists, f"{f.path} missing: run `invoke fetch --recipe {recipe.name}`"
-    return json.loads(f.content_string)
+    data = json.loads(f.content_string)  # a kvmlab.core.stamps.Stamp file
+    assert data.get("step") == "fetch" and isinstance(data.get("record"), dict), \
+        f"{f.path} is not a fetch stamp: run `invoke fetch --recipe {recipe.name}`"
+    return data["record"]
 
 
 def test_stamp_names_the_recipe_source(stamp, recipe):

@@ -9,11 +9,20 @@ from kvmlab.source.patch import read_series
 from kvmlab.source.prepare import patch_stamp_path
 
 
+def _record(host, path, step, hint):
+    """The record of a kvmlab.core.stamps.Stamp file on the host."""
+    f = host.file(str(path))
+    assert f.exists, f"{f.path} missing: {hint}"
+    data = json.loads(f.content_string)
+    assert data.get("step") == step and isinstance(data.get("record"), dict), \
+        f"{f.path} is not a {step} stamp: {hint}"
+    return data["record"]
+
+
 @pytest.fixture(scope="module")
 def stamp(host, kvmlab_settings, recipe):
-    f = host.file(str(patch_stamp_path(kvmlab_settings, recipe)))
-    assert f.exists, f"{f.path} missing: run `invoke patch --recipe {recipe.name}`"
-    return json.loads(f.content_string)
+    return _record(host, patch_stamp_path(kvmlab_settings, recipe), "patch",
+                   f"run `invoke patch --recipe {recipe.name}`")
 
 
 def test_tree_exists(host, stamp):
@@ -21,7 +30,8 @@ def test_tree_exists(host, stamp):
 
 
 def test_tree_comes_from_the_fetched_source(host, stamp, kvmlab_settings, recipe):
-    fetched = json.loads(host.file(str(stamp_path(kvmlab_settings, recipe))).content_string)
+    fetched = _record(host, stamp_path(kvmlab_settings, recipe), "fetch",
+                      f"run `invoke fetch --recipe {recipe.name}`")
     assert stamp["source_sha256"] == fetched["sha256"]
 
 

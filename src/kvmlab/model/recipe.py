@@ -183,8 +183,7 @@ def _check_table(path: Path, where: str, table: Any, schema: dict[str, tuple[Any
     return out
 
 
-def parse_recipe(path: Path) -> Recipe:
-    """Load and validate one recipe file."""
+def _read_toml(path: Path) -> tuple[bytes, dict[str, Any]]:
     try:
         data_bytes = path.read_bytes()
     except FileNotFoundError:
@@ -192,23 +191,15 @@ def parse_recipe(path: Path) -> Recipe:
     except OSError as e:
         raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from None
     try:
-        data = tomllib.loads(data_bytes.decode("utf-8"))
+        return data_bytes, tomllib.loads(data_bytes.decode("utf-8"))
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         # message already carries "(at line L, column C)"
         raise RecipeError(f"{path}: TOML syntax error: {e}") from None
 
-    top_schema = SCHEMA[""]
-    top = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    for k, v in data.items():
-        if isinstance(v, dict) and k not in SCHEMA:
-            raise RecipeError(f"{path}: unknown table [{k}]",
-                              hint="known tables: " + ", ".join(sorted(s for s in SCHEMA if s)))
-    topv = _check_table(path, "", top, top_schema)
-    if topv["kind"] not in KINDS:
-        raise RecipeError(f"{path}: key 'kind' must be one of {', '.join(KINDS)}, "
-                          f"got {topv['kind']!r}")
+
+def _parse_source(path: Path, data: dict[str, Any]) -> Source:
     if "source" not in data:
         raise RecipeError(f"{path}: missing table [source]", hint="needs file, urls, sha256")
     src = _check_table(path, "source", data["source"], SCHEMA["source"])
@@ -223,21 +214,12 @@ def parse_recipe(path: Path) -> Recipe:
         if not re.match(r"^(https?|file)://", u):
             raise RecipeError(f"{path}: key 'source.urls' has {u!r}",
                               hint="URLs must start with http://, https:// or file://")
-    source = Source(file=src["file"], urls=tuple(src["urls"]), sha256=sha,
-                    sha256_note=src["sha256_note"], strip_components=src["strip_components"],
-                    format=src["format"])
+    return Source(file=src["file"], urls=tuple(src["urls"]), sha256=sha,
+                  sha256_note=src["sha256_note"], strip_components=src["strip_components"],
+                  format=src["format"])
 
-    build = _check_table(path, "build", data.get("build", {}), SCHEMA["build"])
-    arts = _check_table(path, "artifacts", data.get("artifacts", {}), SCHEMA["artifacts"])
-    inst = _check_table(path, "install", data.get("install", {}), SCHEMA["install"])
-    options = data.get("options", {})
-    if topv["kind"] == "qemu" and not build["configure"]:
-        raise RecipeError(f"{path}: missing key 'build.configure'",
-                          hint="a list such as [\"./configure\", \"--target-list=x86_64-softmmu\"]")
-    if topv["kind"] == "qemu" and not arts["binaries"]:
-        raise RecipeError(f"{path}: missing key 'artifacts.binaries'",
-                          hint="a list of paths relative to the build tree")
 
+def _parse_builders(path: Path, data: dict[str, Any]) -> dict[str, BuilderConfig]:
     builders: dict[str, BuilderConfig] = {}
     braw = data.get("builders", {})
     if not isinstance(braw, dict):
@@ -251,12 +233,37 @@ def parse_recipe(path: Path) -> Recipe:
             name=bname, series=bv["series"], configure_add=tuple(bv["configure_add"]),
             configure_drop=tuple(bv["configure_drop"]), cflags=bv["cflags"], env=dict(bv["env"]),
             image=bv["image"], notes=bv["notes"])
+    return builders
 
+
+def parse_recipe(path: Path) -> Recipe:
+    """Load and validate one recipe file."""
+    data_bytes, data = _read_toml(path)
+    top = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    for k, v in data.items():
+        if isinstance(v, dict) and k not in SCHEMA:
+            raise RecipeError(f"{path}: unknown table [{k}]",
+                              hint="known tables: " + ", ".join(sorted(s for s in SCHEMA if s)))
+    topv = _check_table(path, "", top, SCHEMA[""])
+    if topv["kind"] not in KINDS:
+        raise RecipeError(f"{path}: key 'kind' must be one of {', '.join(KINDS)}, "
+                          f"got {topv['kind']!r}")
+    source = _parse_source(path, data)
+    build = _check_table(path, "build", data.get("build", {}), SCHEMA["build"])
+    arts = _check_table(path, "artifacts", data.get("artifacts", {}), SCHEMA["artifacts"])
+    inst = _check_table(path, "install", data.get("install", {}), SCHEMA["install"])
+    options = data.get("options", {})
+    if topv["kind"] == "qemu" and not build["configure"]:
+        raise RecipeError(f"{path}: missing key 'build.configure'",
+                          hint="a list such as [\"./configure\", \"--target-list=x86_64-softmmu\"]")
+    if topv["kind"] == "qemu" and not arts["binaries"]:
+        raise RecipeError(f"{path}: missing key 'artifacts.binaries'",
+                          hint="a list of paths relative to the build tree")
     return Recipe(
         name=topv["name"], version=topv["version"], kind=topv["kind"], summary=topv["summary"],
         source=source, build=build,
         artifacts={k: tuple(v) for k, v in arts.items()}, install=inst, options=dict(options),
-        builders=builders, path=path, raw=data,
+        builders=_parse_builders(path, data), path=path, raw=data,
         sha256=hashlib.sha256(data_bytes).hexdigest())
 
 

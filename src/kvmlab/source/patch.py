@@ -1,4 +1,4 @@
-"""patch: apply a recipe's patch series for a builder, all or nothing, with no fuzz.
+"""patch: read, lint and apply a recipe's patch series for a builder, all or nothing, no fuzz.
 
 Series file (patches/<recipe>/<builders.NAME.series>): one patch file per line, '#' starts a
 comment, and an optional condition ``FILE if=OPTION`` applies FILE only when the recipe option
@@ -13,15 +13,15 @@ Every patch listed must start with a header (before the diff) carrying these fie
 
 (a value may continue on indented lines; other header lines such as Subject: are free).
 
-The series is applied with ``patch -p1 -F0 -N`` in a scratch copy of the tree; only when every
-patch applied does the scratch tree replace the real one (so a failure leaves it byte-identical).
-The error names the patch, the file and the hunk.
+The series is applied by the one patch runner (kvmlab.source.patchrun: ``patch -p1 -F0 -N``, dry
+run first) in a scratch copy of the tree; only when every patch applied does the scratch tree
+replace the real one (so a failure leaves it byte-identical). The error names the patch, the file
+and the hunk.
 """
 from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from pathlib import Path
 from kvmlab.core.errors import PatchError
 from kvmlab.core.fsutil import replace_dir, sha256_file
 from kvmlab.model.recipe import Recipe
+from kvmlab.source.patchrun import PatchJob, apply_patch
 
 HEADER_FIELDS = {
     "Fixes": "what the patch fixes",
@@ -38,7 +39,6 @@ HEADER_FIELDS = {
 }
 _DIFF_START = re.compile(r"^(--- |diff |Index: )", re.M)
 _UPSTREAM_OK = re.compile(r"^(https?://\S+|N/A:\s*\S.*)$")
-PATCH_TIMEOUT = 120
 
 
 @dataclass(frozen=True)
@@ -122,44 +122,10 @@ def read_series(patches_dir: Path, recipe: Recipe, builder: str) -> list[SeriesE
     return entries
 
 
-def _explain(entry: SeriesEntry, output: str) -> str:
-    """What went wrong, from patch(1)'s output: file and hunk."""
-    problems, current = [], "?"
-    for line in output.splitlines():
-        if m := re.match(r"(?:patching|checking) file (.+)", line):
-            current = m.group(1).strip("'\"")
-        elif m := re.match(r"Hunk #(\d+) FAILED at (\d+)", line):
-            problems.append(f"{current}: hunk #{m.group(1)} FAILED at line {m.group(2)}")
-        elif "Reversed (or previously applied) patch detected" in line:
-            problems.append(f"{current}: already applied (or reversed)")
-        elif m := re.match(r"\|?\+\+\+ (?:b/)?(\S+)", line):
-            current = m.group(1)
-        elif "can't find file to patch" in line:
-            problems.append(f"file to patch not found ({line.strip()})")
-        elif "No file to patch" in line and problems and "not found" in problems[-1]:
-            problems[-1] = f"{current}: file to patch not found"
-        elif "malformed patch" in line or "Only garbage" in line:
-            problems.append(line.replace("patch: **** ", "").strip())
-    detail = "; ".join(problems) or (output.strip().splitlines() or ["no output"])[-1]
-    return f"patch {entry.name} does not apply: {detail}"
-
-
 def _apply_one(tree: Path, entry: SeriesEntry) -> set[str]:
-    cmd = ["patch", "-p1", "-F0", "-N", "--batch", "--no-backup-if-mismatch", "-r", "-",
-           "-i", str(entry.path)]
-    try:
-        proc = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, errors="replace",
-                              timeout=PATCH_TIMEOUT, stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise PatchError("the `patch` program is not installed",
-                         hint="apt-get install patch") from None
-    except subprocess.TimeoutExpired:
-        raise PatchError(f"patch {entry.name} did not finish in {PATCH_TIMEOUT}s") from None
-    if proc.returncode != 0:
-        raise PatchError(_explain(entry, proc.stdout + proc.stderr),
-                         hint="patches apply with no fuzz (-F0): refresh it against this "
-                              "source or drop it from the series; the tree was left unchanged")
-    return {m.strip("'\"") for m in re.findall(r"^patching file (.+)$", proc.stdout, re.M)}
+    return apply_patch(tree, PatchJob(entry.path, f"patch {entry.name}", strip=1, fuzz=0),
+                       hint="patches apply with no fuzz (-F0): refresh it against this source or "
+                            "drop it from the series; the tree was left unchanged")
 
 
 def apply_series(src: Path, entries: list[SeriesEntry], *, dry_run: bool = False,

@@ -1,21 +1,21 @@
-"""unpack: a verified tarball (or a --source directory) into a new source tree.
+"""tar: extract a verified tarball safely; check an archive or tree before it is used.
 
 Extraction refuses absolute member names, '..' components, links that point outside the tree and
 device files (tarfile's "data" filter where Python has it, the same checks by hand otherwise), and
-strips the top directory (recipe.source.strip_components). kvmlab.source.prepare extracts into a temp
-dir next to <work>/<recipe>/src, patches there and renames the result into place, so a failure
+strips the top directory (recipe.source.strip_components). kvmlab.source.prepare extracts into a
+temp dir next to <work>/<recipe>/src, patches there and renames the result into place, so a failure
 never leaves a half tree.
 
 check_archive / check_tree decide, before fetch locks or caches anything, whether a file is an
-archive extract() can unpack (tar, tar.gz/.bz2/.xz, .src.rpm) holding files of the recipe's
-tree, and whether a directory looks like that tree (tree_markers: rules taken from the recipe).
+archive kvmlab.source.unpack.extract can unpack (tar, tar.gz/.bz2/.xz, .src.rpm) holding files
+of the recipe's tree, and whether a directory looks like that tree (tree_markers: rules taken
+from the recipe).
 """
 from __future__ import annotations
 
 import copy
 import lzma
 import os
-import shutil
 import stat
 import tarfile
 import zlib
@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kvmlab.core.errors import UnpackError
+from kvmlab.source.srpm import LEAD_MAGIC, is_srpm, read_rpm
 
 _DATA_FILTER = getattr(tarfile, "data_filter", None)  # Python >= 3.11.4 (Debian 12 has 3.11.2)
 
@@ -93,22 +94,6 @@ def extract_tar(archive: Path, dest: Path, strip: int = 1) -> None:
                           "path component(s)", hint="check source.strip_components in the recipe")
 
 
-def extract(path: Path, kind: str, tree: Path, strip: int = 1) -> None:
-    """Create the new directory tree from a tarball (kind "tarball") or as a copy of a directory.
-
-    Callers extract into a temp dir next to the final place and rename it there when done."""
-    if kind != "dir":
-        from kvmlab.source.srpm import is_srpm, unpack_srpm
-        if is_srpm(path):  # source format "srpm": Source0 + the spec's %prep patches
-            unpack_srpm(path, tree)
-            return None
-        return extract_tar(path, tree, strip)
-    try:
-        shutil.copytree(path, tree, symlinks=True)
-    except (OSError, shutil.Error) as e:
-        raise UnpackError(f"cannot copy source directory {path}: {e}") from None
-
-
 # -- validation of local sources and first downloads (before anything is locked) ----------------
 
 ARCHIVES = "tar, tar.gz, tar.bz2, tar.xz or .src.rpm"
@@ -176,11 +161,10 @@ def check_tree(path: Path, recipe: Any, name: str | None = None) -> None:
 
 
 def check_archive(path: Path, recipe: Any, name: str | None = None) -> str:
-    """"srpm" or "tar" when path is an archive extract() can unpack with files of the recipe's
-    tree (after source.strip_components); else UnpackError naming the problem. Reads the whole
-    archive (a damaged or truncated one is refused). Messages start with name (default: the
-    file name)."""
-    from kvmlab.source.srpm import LEAD_MAGIC, is_srpm, read_rpm
+    """"srpm" or "tar" when path is an archive kvmlab.source.unpack.extract can unpack with files
+    of the recipe's tree (after source.strip_components); else UnpackError naming the problem.
+    Reads the whole archive (a damaged or truncated one is refused). Messages start with name
+    (default: the file name)."""
     label = name or path.name
     try:
         st = os.stat(path)
@@ -195,24 +179,45 @@ def check_archive(path: Path, recipe: Any, name: str | None = None) -> str:
         raise UnpackError(f"{label} is an empty file (0 bytes)",
                           hint="an interrupted download or copy? get a complete copy")
     if is_srpm(path):
-        info = read_rpm(path)  # SrpmError (an UnpackError) when the RPM is damaged
-        files = info.tags.get(1117)  # RPMTAG_BASENAMES
-        if isinstance(files, list) and not files:
-            raise UnpackError(f"{label} is a source RPM with no files in it")
-        if isinstance(files, list) and not any(f.endswith(".spec") for f in files):
-            raise UnpackError(f"{label} is a source RPM without a .spec file",
-                              hint="kvmlab reproduces the spec's %prep; give a complete .src.rpm")
+        _check_srpm(path, label)
         return "srpm"
     if head == LEAD_MAGIC:
         raise UnpackError(f"{label} is a binary RPM, not a source RPM",
                           hint="give the .src.rpm (or a tarball of the sources)")
     strip = recipe.source.strip_components
+    files, kept, names = _scan_tar(path, label, strip, st.st_size)
+    if not kept:
+        raise UnpackError(f"{label} is an archive with no files" if not files else
+                          f"{label}: no files left after stripping {strip} leading path "
+                          "component(s) (source.strip_components)",
+                          hint="not the recipe's source archive?")
+    missing = _missing(tree_markers(recipe), lambda rel: rel in names)
+    if missing:
+        raise _shape_error(label, recipe, missing,
+                           f"its members, after stripping {strip} leading path component(s) "
+                           "(source.strip_components), must include them")
+    return "tar"
+
+
+def _check_srpm(path: Path, label: str) -> None:
+    info = read_rpm(path)  # SrpmError (an UnpackError) when the RPM is damaged
+    files = info.tags.get(1117)  # RPMTAG_BASENAMES
+    if isinstance(files, list) and not files:
+        raise UnpackError(f"{label} is a source RPM with no files in it")
+    if isinstance(files, list) and not any(f.endswith(".spec") for f in files):
+        raise UnpackError(f"{label} is a source RPM without a .spec file",
+                          hint="kvmlab reproduces the spec's %prep; give a complete .src.rpm")
+
+
+def _scan_tar(path: Path, label: str, strip: int, size: int) -> tuple[int, int, set[str]]:
+    """Read the whole tar archive: (regular files, regular files kept after strip, the kept
+    paths and their parent directories). UnpackError when it is unsafe, damaged or no tar."""
     files, kept, names = 0, 0, set()
     try:
-        tf = tarfile.open(path, "r:*")
+        tf = tarfile.open(path, "r:*")  # noqa: SIM115 - closed below; open errors differ
     except (tarfile.TarError, EOFError, OSError):
         raise UnpackError(f"{label} is not an archive kvmlab can unpack "
-                          f"({st.st_size} bytes; {ARCHIVES} expected)",
+                          f"({size} bytes; {ARCHIVES} expected)",
                           hint="an HTML error page saved as the file? check what it is "
                                f"(`file {label}`)") from None
     try:
@@ -234,14 +239,4 @@ def check_archive(path: Path, recipe: Any, name: str | None = None) -> str:
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as e:
         raise UnpackError(f"{label} is a damaged or truncated archive: {e}",
                           hint="get a complete copy (a download cut short?)") from None
-    if not kept:
-        raise UnpackError(f"{label} is an archive with no files" if not files else
-                          f"{label}: no files left after stripping {strip} leading path "
-                          "component(s) (source.strip_components)",
-                          hint="not the recipe's source archive?")
-    missing = _missing(tree_markers(recipe), lambda rel: rel in names)
-    if missing:
-        raise _shape_error(label, recipe, missing,
-                           f"its members, after stripping {strip} leading path component(s) "
-                           "(source.strip_components), must include them")
-    return "tar"
+    return files, kept, names
