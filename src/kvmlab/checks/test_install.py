@@ -120,7 +120,7 @@ def test_binaries_on_path(host, manifests):
         pytest.skip("not installed into a PATH prefix (or with DESTDIR)")
 
 
-def test_firmware_in_every_search_dir(host, manifests):
+def test_firmware_in_every_search_dir(host, manifests, recipe):
     checked = 0
     bad = []
     for _p, m in manifests:
@@ -129,9 +129,12 @@ def test_firmware_in_every_search_dir(host, manifests):
             continue
         dirs = list(bios.get("search_dirs", [])) + list(bios.get("compat_dirs", []))
         if host.backend.NAME == "local" and os.path.exists(bios["qemu"]):
-            # ask the binary again: its search path may have changed since
+            # ask the binary again: its search path may have changed since (with the data dir
+            # name of the recipe's layout: RHEL's qemu-kvm looks in share/qemu-kvm)
             from kvmlab.install.txn import find_search_dirs
-            now = find_search_dirs(Path(bios["qemu"]), probe=False)
+            ours = any(i.get("recipe") == recipe.name for i in m.get("installs", []))
+            suffix = (recipe.install.get("datadir") if ours else None) or "share/qemu"
+            now = find_search_dirs(Path(bios["qemu"]), probe=False, share_suffix=suffix)
             dirs += [str(d) for d in now.dirs if str(d) not in dirs]
         names = [n for n in ("bios.bin", "vapic.bin") if n in bios.get("recipe_files", [])] or \
             [n for n in bios.get("files", []) if n.startswith("bios")]
