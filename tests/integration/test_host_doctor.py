@@ -19,7 +19,7 @@ from kvmlab.host import cpu
 from kvmlab.host import doctor as host
 from kvmlab.host import modules as kmod
 
-SRC = str(Path(host.__file__).resolve().parent.parent)
+SRC = str(Path(host.__file__).resolve().parents[2])  # the directory holding kvmlab/
 
 
 def _cpuinfo_flags() -> set[str]:
