@@ -1,4 +1,4 @@
-"""The host doctor: every CPU/firmware/module//dev/kvm check plus the probe guest, one verdict.
+"""The host doctor: every CPU, firmware, module and /dev/kvm check plus the probe guest; a verdict.
 
 Also the host room's entry points for the task layer: ``load_modules`` (kvmlab.host.modules for
 this CPU's vendor) and ``explain_exit`` (kvmlab.host.exits). The probe itself lives in
