@@ -28,6 +28,7 @@ from kvmlab.boot.vm import probe_qemu
 from kvmlab.build.kmod import read_modinfo
 from kvmlab.core.errors import KvmlabError
 from kvmlab.host import exits
+from kvmlab.lab import steps as lab_steps
 
 
 class FlagValueError(ValueError):
@@ -356,6 +357,7 @@ TASK_FLAGS: dict[tuple[str, str], Callable[[], FlagType]] = {
     ("explain-exit", "kind"): lambda: choice(*_exit_kinds()),
     ("uninstall", "step"): lambda: choice("install", "install-bios"),
     ("lab", "hosts"): existing_file,
+    ("lab", "skip"): lambda: choices(*lab_steps.NAMES),   # the step registry's names
 }
 
 
