@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +76,33 @@ def test_unknown_skip_step(kvmlab_env):
     with pytest.raises(LabError):
         lab.run_lab(kvmlab_env, lab.LabOptions(recipe="qemu-kvm-0.12.1.2", builder="debian12",
                                                skip=("bogus",)))
+
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def test_lock_written_before_the_step_registry_is_still_checked(kvmlab_env):
+    """tests/data/lab.lock.v1.json was written by lab.make_lock before kvmlab.lab.steps existed
+    (the installed map filled in by hand: its manifests never existed). `lab --check` still reads
+    it and names every difference; nothing here is installed, so every installed file is missing."""
+    old = json.loads((DATA / "lab.lock.v1.json").read_text())
+    shutil.copy(DATA / "lab.lock.v1.json", lab.lock_path(kvmlab_env))
+    diffs = {d.key: d for d in lab.check(kvmlab_env, host_facts=False)}
+    installed = sorted(k for k in diffs if k.startswith("installed."))
+    assert installed == sorted(f"installed.{p}" for p in old["installed"])
+    assert {diffs[k].now for k in installed} == {"missing"}
+    art = diffs["build.artifacts.bin/qemu-system-x86_64"]
+    assert (art.locked, art.now) == ("d" * 64, "(absent)")
+    assert "recipe.name" not in diffs  # the recipe it names is read and matches
+
+
+def test_one_step_registry_names_checks_and_controller_steps(kvmlab_env):
+    from kvmlab.lab import steps, verify
+    assert steps.NAMES == ("fetch", "patch", "images", "build", "install", "install-bios",
+                           "load-modules", "doctor", "create-image", "guest", "boot-test")
+    assert steps.check_of("doctor") == steps.check_of("load-modules") == "host"
+    assert steps.check_of("boot-test") == "boot" and steps.check_of("kmod") == "kmod"
+    assert lab.VERIFIED_STEPS == ("fetch", "patch", "build", "install", "host", "boot")
+    assert set(lab.VERIFIED_STEPS) <= set(verify.available_steps(kvmlab_env))
+    assert remote.HOST_STEPS_SKIP == ("fetch", "patch", "images", "build")
+    assert [s.name for s in steps.STEPS if s.stamped] == ["doctor", "boot-test"]

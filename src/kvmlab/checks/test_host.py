@@ -1,13 +1,15 @@
 """Checks of a KVM host: /dev/kvm is the KVM misc device with a sane mode, kvm is loaded or built
 in, and the doctor's verdict matches the probe guest run on that host.
 
-On local:// the probe runs in-process; on other hosts through `python3 -m kvmlab.host.doctor --probe`
-(kvmlab must be importable there). The expected /dev/kvm mode can be pinned with
-KVMLAB_VERIFY_KVM_MODE (octal, e.g. 0660).
+On local:// the probe runs in-process; on other hosts through
+`python3 -m kvmlab.host.doctor --probe` (kvmlab must be importable there). The expected
+/dev/kvm mode can be pinned with KVMLAB_VERIFY_KVM_MODE (octal, e.g. 0660).
 """
 import json
 
 import pytest
+
+from kvmlab.host.doctor import doctor, probe_kvm
 
 KVM_DEV = "/dev/kvm"
 # udev's usual modes: 0660 root:kvm (Debian), 0666 (upstream systemd >= 230), 0600 root (bare
@@ -62,7 +64,6 @@ def _run_json(host, arg):
 
 def test_doctor_verdict_matches_probe(host):
     if _is_local(host):
-        from kvmlab.host.doctor import doctor, probe_kvm
         probe = probe_kvm(timeout=20).to_dict()
         rep = doctor(timeout=20).to_dict()
     else:

@@ -63,8 +63,9 @@ def _echo(argv: Sequence[str]) -> None:
 def missing_tool(program: str) -> ToolMissing:
     name = Path(program).name
     pkg = PACKAGES.get(name)
-    return ToolMissing(f"{name} is not installed" + (f" ({program} not found)" if "/" in program else ""),
-                       hint=f"apt-get install {pkg}" if pkg else f"install {name} or put it on PATH")
+    where = f" ({program} not found)" if "/" in program else ""
+    hint = f"apt-get install {pkg}" if pkg else f"install {name} or put it on PATH"
+    return ToolMissing(f"{name} is not installed{where}", hint=hint)
 
 
 def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float, check: bool = False,

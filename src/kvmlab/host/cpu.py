@@ -16,10 +16,12 @@ import mmap
 import os
 import platform
 import struct
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from kvmlab.core import proc
+from kvmlab.core.errors import KvmlabError
 
 # ---------------------------------------------------------------------------------------------
 # CPUID
@@ -216,8 +218,8 @@ def ensure_msr_device(cpu: int = 0) -> Path:
         raise MsrUnavailable(f"{dev} does not exist and loading the msr driver needs root",
                              needs_root=True)
     try:
-        p = subprocess.run(["modprobe", "msr"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
+        p = proc.run(["modprobe", "msr"], timeout=30)
+    except (OSError, KvmlabError) as e:
         raise MsrUnavailable(f"{dev} does not exist and `modprobe msr` failed: {e}") from None
     if p.returncode != 0 or not dev.exists():
         raise MsrUnavailable(f"{dev} does not exist and `modprobe msr` failed: "

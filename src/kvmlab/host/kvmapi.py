@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import mmap
 import os
@@ -140,13 +141,11 @@ _RUN_UNION = 32
 
 
 def check_extension(fd: int, cap: int) -> int:
-    import fcntl
     return fcntl.ioctl(fd, KVM_CHECK_EXTENSION, cap)
 
 
 def api_facts(path: str = DEV_KVM) -> dict[str, Any]:
     """Open /dev/kvm, return {"api_version", "caps": {name: value}}; raises OSError."""
-    import fcntl
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         version = fcntl.ioctl(fd, KVM_GET_API_VERSION, 0)
@@ -155,7 +154,7 @@ def api_facts(path: str = DEV_KVM) -> dict[str, Any]:
             try:
                 caps[name] = check_extension(fd, num)
             except OSError as e:
-                caps[name] = f"error {errno.errorcode.get(e.errno, e.errno)}"
+                caps[name] = f"error {errno.errorcode.get(e.errno or 0, e.errno)}"
         return {"api_version": version, "caps": caps}
     finally:
         os.close(fd)
@@ -196,7 +195,6 @@ KVM_GET_STATS_FD = _io(0xCE)
 
 def vcpu_stats(vcpu_fd: int) -> dict[str, int]:
     """The vCPU's binary statistics (first value of each), e.g. exits, insn_emulation."""
-    import fcntl
     sfd = fcntl.ioctl(vcpu_fd, KVM_GET_STATS_FD, 0)
     try:
         _flags, name_size, num_desc, _id_off, desc_off, data_off = \
@@ -265,90 +263,105 @@ def workload_guest(nonce: int) -> tuple[bytes, int, int]:
     return code, (LOOP_COUNT * nonce + 2) & 0xFFFF, 2 + 3 * LOOP_COUNT + 9
 
 
+def _setup_vcpu(kvm: int, code: bytes, nonce: int, rec: dict[str, Any], fds: list[int],
+                maps: list[mmap.mmap]) -> tuple[int, mmap.mmap]:
+    """A VM with guest memory holding ``code`` and one real-mode vCPU at its start; every fd and
+    mapping is appended to ``fds``/``maps`` (the caller closes them); rec["stage"] follows."""
+    rec["stage"] = "KVM_CREATE_VM"
+    vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
+    fds.append(vm)
+    rec["stage"] = "mmap guest memory"
+    mem = mmap.mmap(-1, GUEST_MEM_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    mem[GUEST_LOAD_ADDR:GUEST_LOAD_ADDR + len(code)] = code
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    rec["stage"] = "KVM_SET_USER_MEMORY_REGION"
+    region = kvm_userspace_memory_region(slot=0, flags=0, guest_phys_addr=0,
+                                         memory_size=GUEST_MEM_SIZE, userspace_addr=addr)
+    fcntl.ioctl(vm, KVM_SET_USER_MEMORY_REGION, bytes(region))
+    rec["stage"] = "KVM_CREATE_VCPU"
+    vcpu = fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
+    fds.append(vcpu)
+    rec["stage"] = "KVM_GET_VCPU_MMAP_SIZE"
+    run_size = fcntl.ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0)
+    rec["stage"] = "mmap kvm_run"
+    run = mmap.mmap(vcpu, run_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    maps.append(run)
+    rec["stage"] = "KVM_GET_SREGS"
+    sregs = kvm_sregs()
+    fcntl.ioctl(vcpu, KVM_GET_SREGS, sregs, True)
+    sregs.cs.base, sregs.cs.selector = 0, 0
+    rec["stage"] = "KVM_SET_SREGS"
+    fcntl.ioctl(vcpu, KVM_SET_SREGS, bytes(sregs))
+    rec["stage"] = "KVM_SET_REGS"
+    fcntl.ioctl(vcpu, KVM_SET_REGS, bytes(kvm_regs(rip=GUEST_LOAD_ADDR, rbx=nonce, rflags=0x2)))
+    return vcpu, run
+
+
+def _run_vcpu(vcpu: int, run: mmap.mmap, rec: dict[str, Any], max_runs: int) -> None:
+    """KVM_RUN until HLT or an unexpected exit; ok only after the expected OUT, then HLT."""
+    saw_out = False
+    for _ in range(max_runs):
+        rec["stage"] = "KVM_RUN"
+        try:
+            fcntl.ioctl(vcpu, KVM_RUN, 0)
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                rec["runs"].append({"exit_name": "EINTR (retried)"})
+                continue
+            raise
+        ex = _decode_exit(run)
+        rec["runs"].append(ex)
+        reason = ex["exit_reason"]
+        if reason == KVM_EXIT_INTR:
+            continue
+        if reason == KVM_EXIT_IO and not saw_out:
+            exp = rec["expected"]
+            if (ex.get("direction") == "out" and ex.get("port") == exp["port"]
+                    and ex.get("size") == exp["size"] and ex.get("value") == exp["value"]):
+                saw_out = True
+                continue
+            break  # unexpected I/O
+        if reason == KVM_EXIT_HLT:
+            rec["ok"] = saw_out
+        break  # HLT or any other exit ends the guest
+
+
+def _read_after(vcpu: int, rec: dict[str, Any]) -> None:
+    """The final rip and the vCPU's counters (each best effort)."""
+    rec["stage"] = "done"
+    try:
+        regs_after = kvm_regs()
+        fcntl.ioctl(vcpu, KVM_GET_REGS, regs_after, True)
+        rec["final_rip"] = hex(regs_after.rip)
+    except OSError:
+        pass
+    try:
+        st = vcpu_stats(vcpu)
+        rec["stats"] = {k: st[k] for k in ("exits", "io_exits", "halt_exits",
+                                           "insn_emulation", "insn_emulation_fail") if k in st}
+    except OSError as e:
+        rec["stats"] = None
+        rec["stats_error"] = errno.errorcode.get(e.errno or 0, str(e.errno))
+
+
 def _run_guest(kvm: int, name: str, code: bytes, nonce: int, expected: int, n_insns: int,
                max_runs: int = 16) -> dict[str, Any]:
     """Run one guest in a fresh VM; return its record (see run_probe)."""
-    import fcntl
     rec: dict[str, Any] = {"guest": name, "ok": False, "stage": "KVM_CREATE_VM", "runs": [],
                            "error": None, "nonce": nonce, "instructions": n_insns,
                            "expected": {"port": PROBE_PORT, "size": 2, "value": expected}}
-    stage = "KVM_CREATE_VM"
     fds: list[int] = []
     maps: list[mmap.mmap] = []
     try:
-        vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
-        fds.append(vm)
-        stage = "mmap guest memory"
-        mem = mmap.mmap(-1, GUEST_MEM_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
-                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        mem[GUEST_LOAD_ADDR:GUEST_LOAD_ADDR + len(code)] = code
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
-        stage = "KVM_SET_USER_MEMORY_REGION"
-        region = kvm_userspace_memory_region(slot=0, flags=0, guest_phys_addr=0,
-                                             memory_size=GUEST_MEM_SIZE, userspace_addr=addr)
-        fcntl.ioctl(vm, KVM_SET_USER_MEMORY_REGION, bytes(region))
-        stage = "KVM_CREATE_VCPU"
-        vcpu = fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
-        fds.append(vcpu)
-        stage = "KVM_GET_VCPU_MMAP_SIZE"
-        run_size = fcntl.ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0)
-        stage = "mmap kvm_run"
-        run = mmap.mmap(vcpu, run_size, flags=mmap.MAP_SHARED,
-                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        maps.append(run)
-        stage = "KVM_GET_SREGS"
-        sregs = kvm_sregs()
-        fcntl.ioctl(vcpu, KVM_GET_SREGS, sregs, True)
-        sregs.cs.base, sregs.cs.selector = 0, 0
-        stage = "KVM_SET_SREGS"
-        fcntl.ioctl(vcpu, KVM_SET_SREGS, bytes(sregs))
-        stage = "KVM_SET_REGS"
-        fcntl.ioctl(vcpu, KVM_SET_REGS, bytes(kvm_regs(rip=GUEST_LOAD_ADDR, rbx=nonce, rflags=0x2)))
-        saw_out = False
-        for _ in range(max_runs):
-            stage = "KVM_RUN"
-            try:
-                fcntl.ioctl(vcpu, KVM_RUN, 0)
-            except OSError as e:
-                if e.errno == errno.EINTR:
-                    rec["runs"].append({"exit_name": "EINTR (retried)"})
-                    continue
-                raise
-            ex = _decode_exit(run)
-            rec["runs"].append(ex)
-            reason = ex["exit_reason"]
-            if reason == KVM_EXIT_INTR:
-                continue
-            if reason == KVM_EXIT_IO and not saw_out:
-                exp = rec["expected"]
-                if (ex.get("direction") == "out" and ex.get("port") == exp["port"]
-                        and ex.get("size") == exp["size"] and ex.get("value") == exp["value"]):
-                    saw_out = True
-                    continue
-                break  # unexpected I/O
-            if reason == KVM_EXIT_HLT:
-                rec["ok"] = saw_out
-            break  # HLT or any other exit ends the guest
-        stage = "done"
-        try:
-            regs_after = kvm_regs()
-            fcntl.ioctl(vcpu, KVM_GET_REGS, regs_after, True)
-            rec["final_rip"] = hex(regs_after.rip)
-        except OSError:
-            pass
-        try:
-            st = vcpu_stats(vcpu)
-            rec["stats"] = {k: st[k] for k in ("exits", "io_exits", "halt_exits",
-                                               "insn_emulation", "insn_emulation_fail")
-                            if k in st}
-        except OSError as e:
-            rec["stats"] = None
-            rec["stats_error"] = errno.errorcode.get(e.errno or 0, str(e.errno))
+        vcpu, run = _setup_vcpu(kvm, code, nonce, rec, fds, maps)
+        _run_vcpu(vcpu, run, rec, max_runs)
+        _read_after(vcpu, rec)
     except OSError as e:
-        rec["error"] = {"stage": stage, "errno": errno.errorcode.get(e.errno or 0, e.errno),
+        rec["error"] = {"stage": rec["stage"],
+                        "errno": errno.errorcode.get(e.errno or 0, e.errno),
                         "strerror": e.strerror}
     finally:
-        rec["stage"] = stage
         for m in maps:
             m.close()
         for fd in reversed(fds):
@@ -364,7 +377,6 @@ def run_probe(path: str = DEV_KVM) -> dict[str, Any]:
     "expected", "instructions" (executed by a correct run), "stats" (vCPU counters: exits,
     insn_emulation, ...) or None. A guest is ok only when the vCPU produced the expected OUT
     value and then KVM_EXIT_HLT."""
-    import fcntl
     out: dict[str, Any] = {"api_version": None, "error": None, "guests": []}
     try:
         kvm = os.open(path, os.O_RDWR | os.O_CLOEXEC)

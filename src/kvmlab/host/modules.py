@@ -10,13 +10,13 @@ import gzip
 import os
 import platform
 import re
-import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvmlab.core.errors import HostError
+from kvmlab.core import proc
+from kvmlab.core.errors import HostError, KvmlabError
 
 KVM_MODULES = ("kvm", "kvm_intel", "kvm_amd", "kvm_pvm")
 VENDOR_MODULE = {"GenuineIntel": "kvm_intel", "AuthenticAMD": "kvm_amd", "HygonGenuine": "kvm_amd",
@@ -144,12 +144,12 @@ def module_state(name: str, root: Path | str = "/", release: str | None = None,
             pass
         return ModuleState(name, "loaded", f"loaded as a module (refcount {refs})", params, refs)
     if sysdir.exists() and not (sysdir / "initstate").exists():
-        why = [f"/sys/module/{name} without initstate"]
+        signs = [f"/sys/module/{name} without initstate"]
         if cfg == "y":
-            why.append(f"{cfg_key}=y")
+            signs.append(f"{cfg_key}=y")
         if _builtin_listed(root, release, name):
-            why.append("listed in modules.builtin")
-        return ModuleState(name, "built-in", "built into the kernel (" + ", ".join(why) + ")",
+            signs.append("listed in modules.builtin")
+        return ModuleState(name, "built-in", "built into the kernel (" + ", ".join(signs) + ")",
                            params)
     if cfg == "y":
         return ModuleState(name, "built-in", f"built into the kernel ({cfg_key}=y)", params)
@@ -276,8 +276,8 @@ def explain_module_failure(output: str, kernel_log: str = "") -> tuple[str, str]
 def kernel_log_tail(lines: int = 30) -> str:
     """The last kvm/svm/vmx lines of the kernel log ('' when dmesg is not readable)."""
     try:
-        p = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
+        p = proc.run(["dmesg"], timeout=10)
+    except (OSError, KvmlabError):
         return ""
     hits = [ln for ln in p.stdout.splitlines() if re.search(r"kvm|svm|vmx|msr", ln, re.I)]
     return "\n".join(hits[-lines:])
@@ -304,16 +304,13 @@ class ModulesResult:
         return {**asdict(self), "summary": self.summary}
 
 
-Runner = Callable[..., subprocess.CompletedProcess]
+# how modprobe/insmod/rmmod are run: kvmlab.core.proc.run (tests pass a fake with its signature)
+Runner = Callable[..., proc.CompletedProcess]
 
 
-def _run(cmd: list[str], runner: Runner) -> subprocess.CompletedProcess:
-    try:
-        return runner(cmd, capture_output=True, text=True, timeout=60)
-    except FileNotFoundError:
-        raise HostError(f"{cmd[0]} is not installed", hint="apt-get install kmod") from None
-    except subprocess.TimeoutExpired:
-        raise HostError(f"{' '.join(cmd)} did not finish within 60 s") from None
+def _run(cmd: list[str], runner: Runner) -> proc.CompletedProcess:
+    # a missing kmod is proc's ToolMissing (apt-get install kmod); a hang its CommandTimeout
+    return runner(cmd, timeout=60, what=" ".join(cmd))
 
 
 def _load(cmd: list[str], runner: Runner, actions: list[str]) -> None:
@@ -342,7 +339,7 @@ def target_module(vendor: str) -> str:
 
 
 def load_modules(vendor: str, ko: list[str] | None = None, *, root: Path | str = "/",
-                 runner: Runner = subprocess.run) -> ModulesResult:
+                 runner: Runner = proc.run) -> ModulesResult:
     """Load kvm + the vendor module (modprobe, or insmod of the given .ko files, kvm first).
 
     Idempotent: nothing is run when both are loaded or built in. Raises HostError (changing
@@ -368,6 +365,8 @@ def load_modules(vendor: str, ko: list[str] | None = None, *, root: Path | str =
         missing = [p for p in ko if not Path(p).is_file()]
         if missing:
             raise HostError(f"module file not found: {', '.join(missing)}")
+        # lazily, and only for --ko: the host room must import with the standard library alone
+        # (`python3 -m kvmlab.host.doctor` on bare hosts); kvmlab.build.kmod pulls in rich
         from kvmlab.build import kmod as kmodbuild
         ordered = [str(p) for p in kmodbuild.load_order(_order_ko(ko))]
         release = kernel_release()
@@ -401,7 +400,7 @@ def load_modules(vendor: str, ko: list[str] | None = None, *, root: Path | str =
 
 
 def unload_modules(vendor: str, *, root: Path | str = "/",
-                   runner: Runner = subprocess.run) -> ModulesResult:
+                   runner: Runner = proc.run) -> ModulesResult:
     """rmmod the vendor module and kvm; refuses while KVM is in use or modules are built in."""
     target = target_module(vendor)
     rep = modules_report(root)
@@ -419,7 +418,7 @@ def unload_modules(vendor: str, *, root: Path | str = "/",
         return ModulesResult(False, ["nothing to do: kvm modules are not loaded"], target, state)
     users = kvm_users(root)
     refs = {n: mods[n].refcount for n in loaded if mods[n].refcount}
-    holders = [f"{n} refcount {c}" for n, c in refs.items() if n == target or c > 1]
+    holders = [f"{n} refcount {c}" for n, c in refs.items() if c and (n == target or c > 1)]
     if users or holders:
         raise HostError("KVM is in use; refusing to unload: " + "; ".join(holders + users),
                         hint="stop these VMs (qemu processes) first")

@@ -1,8 +1,9 @@
 """Many hosts: run lab's host-side steps on ssh hosts in parallel, with the build done once.
 
-The controller runs fetch -> patch -> images -> build locally, then for every host (in parallel,
-over ssh with Fabric): uploads a bundle (kvmlab and the Python packages it imports, copied from this
-interpreter's installation, plus recipes/) and the build output, and runs
+The controller runs the registry's controller steps (kvmlab.lab.steps: fetch -> patch -> images
+-> build) locally, then for every host (in parallel, over ssh with Fabric): uploads a bundle
+(kvmlab and the Python packages it imports, copied from this interpreter's installation, plus
+recipes/) and the build output, and runs
 ``python3 -m kvmlab lab --skip fetch,patch,images,build`` there, which performs install ->
 install-bios -> load-modules -> doctor -> create-image -> guest -> boot-test on that host and writes
 its own lab.lock.json, which is copied back. A failing or unreachable host does not stop the others.
@@ -26,12 +27,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import kvmlab
 from kvmlab.core import ui
 from kvmlab.core.errors import LabError
 from kvmlab.core.fsutil import atomic_write_bytes
 from kvmlab.core.settings import Settings
+from kvmlab.lab import runner as lab
+from kvmlab.lab import steps
+from kvmlab.lab.steps import LabOptions
 
-HOST_STEPS_SKIP = ("fetch", "patch", "images", "build")
+# the steps the controller does once for every host (the registry's controller steps)
+HOST_STEPS_SKIP = steps.CONTROLLER_STEPS
 REMOTE_ROOT = "/var/tmp/kvmlab-remote"
 # controller-only packages (ssh client side) are not shipped to the hosts
 CONTROLLER_ONLY = {"fabric", "paramiko"}
@@ -105,7 +111,7 @@ def _closure(dist_name: str) -> list[metadata.Distribution]:
     seen: dict[str, metadata.Distribution] = {}
     todo = [dist_name]
     while todo:
-        name = re.split(r"[\s<>=!~;\[(]", todo.pop(), 1)[0].lower().replace("_", "-")
+        name = re.split(r"[\s<>=!~;\[(]", todo.pop(), maxsplit=1)[0].lower().replace("_", "-")
         if name in seen or name in CONTROLLER_ONLY:
             continue
         try:
@@ -134,7 +140,6 @@ def _top_levels(d: metadata.Distribution) -> set[str]:
 
 def make_bundle(settings: Settings) -> bytes:
     """A tar.gz: lib/<packages>, recipes/, patches/ (kvmlab from this checkout)."""
-    import kvmlab
     buf = io.BytesIO()
     skip = lambda ti: None if "__pycache__" in ti.name or ti.name.endswith(".pyc") else ti  # noqa: E731
     with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tar:
@@ -176,7 +181,7 @@ class HostResult:
     lock: Path | None = None
 
 
-def remote_command(opts: Any, root: str = REMOTE_ROOT) -> str:
+def remote_command(opts: LabOptions, root: str = REMOTE_ROOT) -> str:
     skip = ",".join(dict.fromkeys(HOST_STEPS_SKIP + tuple(opts.skip)))
     args = ["python3", "-m", "kvmlab", "lab", "--recipe", opts.recipe, "--builder", opts.builder,
             "--accel", opts.accel, "--guest", opts.guest, "--skip", skip, "--no-verify"]
@@ -184,7 +189,7 @@ def remote_command(opts: Any, root: str = REMOTE_ROOT) -> str:
                       ("--qemu", opts.qemu), ("--timeout", opts.timeout)):
         if val:
             args += [flag, str(val)]
-    if getattr(opts, "install_deps", False):
+    if opts.install_deps:
         args.append("--install-deps")  # each host installs the runtime libraries it lacks
     env = {"PYTHONPATH": f"{root}/lib", "KVMLAB_HOME": root, "KVMLAB_STATE_DIR": f"{root}/state",
            "KVMLAB_CACHE": f"{root}/cache", "KVMLAB_LOCK": f"{root}/state/kvmlab.lock",
@@ -193,7 +198,7 @@ def remote_command(opts: Any, root: str = REMOTE_ROOT) -> str:
             + " ".join(shlex.quote(a) for a in args))
 
 
-def _run_one(settings: Settings, opts: Any, h: HostSpec, bundle: bytes, out_tar: bytes,
+def _run_one(settings: Settings, opts: LabOptions, h: HostSpec, bundle: bytes, out_tar: bytes,
              connect_timeout: float, command_timeout: float) -> HostResult:
     from fabric import Connection
     t0 = time.monotonic()
@@ -230,7 +235,7 @@ def _run_one(settings: Settings, opts: Any, h: HostSpec, bundle: bytes, out_tar:
         return HostResult(h.label, False, time.monotonic() - t0, f"unreachable or failed: {msg}")
 
 
-def run_on_hosts(settings: Settings, opts: Any, hosts: list[HostSpec], *,
+def run_on_hosts(settings: Settings, opts: LabOptions, hosts: list[HostSpec], *,
                  connect_timeout: float = 10, command_timeout: float = 900) -> list[HostResult]:
     bundle = make_bundle(settings)
     out_tar = _out_tarball(settings, opts.recipe, opts.builder)
@@ -240,16 +245,15 @@ def run_on_hosts(settings: Settings, opts: Any, hosts: list[HostSpec], *,
         return [f.result() for f in futs]
 
 
-def run_hosts(settings: Settings, opts: Any, inventory: str) -> list[HostResult]:
+def run_hosts(settings: Settings, opts: LabOptions, inventory: str) -> list[HostResult]:
     """`invoke lab --hosts FILE`: local build once, then the host-side steps on every host."""
-    from kvmlab.lab import runner as lab
     hosts = parse_inventory(Path(inventory))
-    local_skip = tuple(s for s in lab.STEPS if s not in HOST_STEPS_SKIP)
+    local_skip = tuple(n for n in steps.NAMES if n not in HOST_STEPS_SKIP)
     with ui.console.status("lab: building once on the controller") as status:
         res = lab.run_lab(settings, dataclasses.replace(opts, skip=local_skip),
                           on_step=lambda st: status.update(f"lab (controller): {st} ..."))
     lab.print_summary(res)
-    if res.error:
+    if res.error and res.failed:
         raise LabError(f"lab stopped at {res.failed.step}: {res.error.message}",
                        hint=res.error.hint)
     with ui.console.status(f"lab: host-side steps on {len(hosts)} host(s)"):

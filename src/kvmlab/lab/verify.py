@@ -1,4 +1,6 @@
-"""Run the testinfra checks of a step (kvmlab/checks/test_<step>.py) against one or more hosts.
+"""Run the testinfra checks of a step (kvmlab/checks/test_<check>.py) against one or more hosts.
+
+Which check file verifies which step is kvmlab.lab.steps' registry (doctor -> host, ...).
 
 The checks are ordinary testinfra tests (``def test_x(host)``); they run in this process through
 pytest with ``--hosts`` (``local://``, ``docker://NAME``, ``ssh://user@host``). The controller's
@@ -9,15 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmlab.core import proc, ui
 from kvmlab.core.errors import VerifyError
 from kvmlab.core.settings import Settings
+from kvmlab.lab import steps as lab_steps
 
 
 @dataclass
@@ -42,6 +45,7 @@ class VerifyReport:
 
 
 def available_steps(settings: Settings) -> list[str]:
+    """The check files there are (test_<name>.py), by name."""
     d = settings.checks_dir
     return sorted(p.stem[len("test_"):] for p in d.glob("test_*.py"))
 
@@ -63,8 +67,8 @@ def _parse_junit(path: Path) -> list[CheckResult]:
             el = case.find(tag)
             if el is not None:
                 status = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-                msg = (el.get("message") or el.text or "").strip().splitlines()
-                msg = msg[0][:200] if msg else ""
+                lines = (el.get("message") or el.text or "").strip().splitlines()
+                msg = lines[0][:200] if lines else ""
                 break
         out.append(CheckResult(host=host, step=step, name=name, status=status, message=msg))
     return out
@@ -80,8 +84,8 @@ def _run_pytest(args: list[str], env: dict[str, str]) -> None:
     if _ran_in_process or os.environ.get("PYTEST_CURRENT_TEST"):
         child_env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
         child_env.update(env)
-        subprocess.run([sys.executable, "-m", "pytest", *args], env=child_env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+        proc.run([sys.executable, "-m", "pytest", *args], timeout=1800, env=child_env,
+                 capture=False, stdout=proc.DEVNULL, stderr=proc.DEVNULL, what="the checks")
         return
     import pytest  # imported lazily: only verify needs it
     _ran_in_process = True
@@ -118,8 +122,12 @@ def check_host_spec(spec: str) -> None:
 
 def run_checks(settings: Settings, steps: list[str], hosts: list[str] | None = None,
                extra_env: dict[str, str] | None = None) -> VerifyReport:
-    """Run the checks of the named steps against hosts; never raises on failed checks."""
+    """Run the checks of the named steps against hosts; never raises on failed checks.
+
+    A step is named as a task (``doctor``, ``boot-test``: the registry says which checks verify
+    it) or by its check file (``host``, ``boot``, ``kmod``)."""
     known = available_steps(settings)
+    steps = list(dict.fromkeys(lab_steps.check_of(s) for s in steps))
     for s in steps:
         if s not in known:
             raise VerifyError(f"no checks for step {s!r}",
@@ -157,7 +165,6 @@ def run_checks(settings: Settings, steps: list[str], hosts: list[str] | None = N
 
 
 def print_report(report: VerifyReport) -> None:
-    from kvmlab.core import ui
     hosts = sorted({r.host for r in report.results})
     for h in hosts:
         rows = [(r.step, r.name, r.status, r.message) for r in report.results if r.host == h]

@@ -16,8 +16,11 @@ from invoke.exceptions import ParseError
 from invoke.parser import Argument
 
 from kvmlab.core import ui
-from kvmlab.core.errors import KvmlabError
+from kvmlab.core.errors import KvmlabError, VerifyError
 from kvmlab.core.settings import Settings, load_settings
+from kvmlab.lab import steps as lab_steps
+from kvmlab.lab import verify as verify_mod
+from kvmlab.model.recipe import load_recipe
 from kvmlab.tasks import _flags
 
 
@@ -96,7 +99,6 @@ def settings(ctx: Context, **overrides: Any) -> Settings:
     s = load_settings(overrides, cfg)
     if overrides.get("recipe") or overrides.get("builder"):
         # a recipe or builder named on the command line is checked before anything runs
-        from kvmlab.model.recipe import load_recipe
         r = load_recipe(s.recipes_dir, s.recipe)
         if overrides.get("builder"):
             r.builder(s.builder)
@@ -176,16 +178,21 @@ def describe_os_error(e: OSError, s: Settings | None = None) -> tuple[str, str]:
 
 def run_step_checks(s: Settings, step: str, no_verify: bool = False,
                     extra_env: dict[str, str] | None = None) -> None:
-    """Run kvmlab/checks/test_<step>.py against local:// after a step (skipped with --no-verify)."""
+    """Run the checks that verify ``step`` (a task name: the registry kvmlab.lab.steps says which
+    kvmlab/checks/test_<check>.py) against local:// after it; skipped with --no-verify."""
     if no_verify:
         return
-    from kvmlab.core.errors import VerifyError
-    from kvmlab.lab import verify as verify_mod
-    report = verify_mod.run_checks(s, [step], ["local://"], extra_env=extra_env)
+    check = lab_steps.check_of(step)
+    report = verify_mod.run_checks(s, [check], ["local://"], extra_env=extra_env)
     if not report.ok:
         verify_mod.print_report(report)
         bad = report.failed()
-        raise VerifyError(f"{step}: {len(bad)} check(s) failed after the step: " +
+        raise VerifyError(f"{check}: {len(bad)} check(s) failed after the step: " +
                           ", ".join(r.name for r in bad[:5]),
                           hint="the step's output is not what it should be; see the table above")
-    ui.info(f"[green]verified[/green] {step}: {len(report.results)} check(s) passed")
+    ui.info(f"[green]verified[/green] {check}: {len(report.results)} check(s) passed")
+
+
+def dry_run_end(what: str = "nothing was written") -> None:
+    """The one line every --dry-run ends with, after the task showed what it would do."""
+    ui.info(f"dry run: {what}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import stat as st_mod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,13 @@ from typing import Any
 
 from invoke.exceptions import ParseError
 
+from kvmlab.boot import guest as guest_mod
+from kvmlab.boot import image as image_mod
+from kvmlab.boot.vm import probe_qemu
+from kvmlab.build.kmod import read_modinfo
 from kvmlab.core.errors import KvmlabError
+from kvmlab.host import exits
+from kvmlab.lab import steps as lab_steps
 
 
 class FlagValueError(ValueError):
@@ -146,7 +153,6 @@ def _existing(raw: str, want: str) -> str:
                              "check the path") from None
     except PermissionError:
         raise FlagValueError(f"{raw}: permission denied", "check the path's permissions") from None
-    import stat as st_mod
     if want == "file" and not st_mod.S_ISREG(st.st_mode):
         raise FlagValueError(f"{raw} is not a regular file"
                              + (" (it is a directory)" if st_mod.S_ISDIR(st.st_mode) else ""),
@@ -193,19 +199,16 @@ def program(check: Callable[[str], None] | None = None, example: str = "PATH") -
 
 
 def _check_qemu(path: str) -> None:
-    from kvmlab.boot.vm import probe_qemu
     probe_qemu(path)
 
 
 def _check_qemu_img(path: str) -> None:
-    from kvmlab.boot.image import qemu_img_version
-    if qemu_img_version(path) == (0, 0):
+    if image_mod.qemu_img_version(path) == (0, 0):
         raise FlagValueError(f"{path} is not qemu-img (`{path} --help` names no qemu-img version)",
                              "give the path of a qemu-img binary")
 
 
 def _check_module(path: str) -> None:
-    from kvmlab.build.kmod import read_modinfo
     read_modinfo(path)
 
 
@@ -218,7 +221,8 @@ def modules() -> FlagType:
             _existing(x, "file")
             _check_module(x)
         return ",".join(items)
-    return FlagType("FILES", "comma-separated kernel module files (.ko)", parse, "kvm.ko,kvm-amd.ko")
+    return FlagType("FILES", "comma-separated kernel module files (.ko)", parse,
+                    "kvm.ko,kvm-amd.ko")
 
 
 def _content(check: Callable[[Path], None], metavar: str, what: str, example: str) -> FlagType:
@@ -230,17 +234,16 @@ def _content(check: Callable[[Path], None], metavar: str, what: str, example: st
 
 
 def _check_kernel(p: Path) -> None:
-    from kvmlab.boot.guest import check_kernel
-    check_kernel(p)
+    guest_mod.check_kernel(p)
 
 
 def _check_iso(p: Path) -> None:
-    from kvmlab.boot.guest import check_iso
-    check_iso(p)
+    guest_mod.check_iso(p)
 
 
 def kernel_image() -> FlagType:
-    return _content(_check_kernel, "FILE", "a Linux kernel image (bzImage)", "/boot/vmlinuz-6.1.0-26-amd64")
+    return _content(_check_kernel, "FILE", "a Linux kernel image (bzImage)",
+                    "/boot/vmlinuz-6.1.0-26-amd64")
 
 
 def iso_image() -> FlagType:
@@ -304,8 +307,7 @@ def _read_only(p: Path) -> bool:
 
 def size() -> FlagType:
     def parse(raw: str) -> str:
-        from kvmlab.boot.image import parse_size
-        if parse_size(raw) <= 0:
+        if image_mod.parse_size(raw) <= 0:
             raise FlagValueError(f"{raw!r} is not a usable size", "e.g. 10G, 512M")
         return raw
     return FlagType("SIZE", "a size such as 10G or 512M", parse, "10G")
@@ -316,13 +318,11 @@ def size() -> FlagType:
 # --------------------------------------------------------------------------------------------
 
 def _guest_kinds() -> tuple[str, ...]:
-    from kvmlab.boot.guest import KINDS
-    return tuple(KINDS)
+    return tuple(guest_mod.KINDS)
 
 
 def _exit_kinds() -> tuple[str, ...]:
-    from kvmlab.host.exits import KINDS
-    return ("auto", *KINDS)
+    return ("auto", *exits.KINDS)
 
 
 FLAGS: dict[str, FlagType] = {
@@ -357,6 +357,7 @@ TASK_FLAGS: dict[tuple[str, str], Callable[[], FlagType]] = {
     ("explain-exit", "kind"): lambda: choice(*_exit_kinds()),
     ("uninstall", "step"): lambda: choice("install", "install-bios"),
     ("lab", "hosts"): existing_file,
+    ("lab", "skip"): lambda: choices(*lab_steps.NAMES),   # the step registry's names
 }
 
 

@@ -5,8 +5,10 @@ import json
 
 from invoke import Context
 
+from kvmlab.build.kmod import modules_from
 from kvmlab.core import ui
 from kvmlab.core.errors import HostError
+from kvmlab.host import doctor as host
 
 from ._common import run_step_checks, settings, task
 
@@ -15,7 +17,6 @@ from ._common import run_step_checks, settings, task
             "timeout": "seconds the probe guest may take before it is killed"})
 def doctor(ctx: Context, json_: bool = False, timeout: float = 10) -> None:
     """Check CPU, firmware, kvm modules and /dev/kvm, then run a probe guest; give a verdict."""
-    from kvmlab.host import doctor as host
     rep = host.doctor(timeout=timeout)
     if json_:
         print(json.dumps(rep.to_dict(), indent=2))
@@ -41,10 +42,8 @@ doctor.help["json_"] = doctor.help.pop("json")
 def load_modules(ctx: Context, ko: str = "", from_: str = "", unload: bool = False,
                  json_: bool = False, no_verify: bool = False) -> None:
     """Load kvm + kvm_intel/kvm_amd for this CPU (idempotent, built-in aware); --unload."""
-    from kvmlab.host import doctor as host
     paths = [p for p in ko.split(",") if p]
     if from_:
-        from kvmlab.build.kmod import modules_from
         paths += [str(p) for p in modules_from(from_)]
     if unload and paths:
         raise HostError("--ko and --unload do not go together")
@@ -58,7 +57,7 @@ def load_modules(ctx: Context, ko: str = "", from_: str = "", unload: bool = Fal
                  [(n, "ok" if st in ("loaded", "built-in") else "warn", st)
                   for n, st in res.state.items()])
     if not unload:
-        run_step_checks(settings(ctx), "host", no_verify or json_)
+        run_step_checks(settings(ctx), "load-modules", no_verify or json_)
 
 
 load_modules.help["json_"] = load_modules.help.pop("json")
@@ -70,10 +69,10 @@ load_modules.help["from_"] = load_modules.help.pop("from")
                     "or qemu's message text in quotes",
             "kind": "auto (default), vmx, svm, kvm-exit or suberror",
             "json": "print the explanation as JSON"})
-def explain_exit(ctx: Context, code: str | None = None, kind: str = "auto", json_: bool = False) -> None:
+def explain_exit(ctx: Context, code: str | None = None, kind: str = "auto",
+                 json_: bool = False) -> None:
     """Explain a VM-exit reason / VM-entry failure, a KVM_EXIT_* code or a KVM internal error."""
-    from kvmlab.host.doctor import explain_exit as explain
-    e = explain(code or "", kind)
+    e = host.explain_exit(code or "", kind)
     if json_:
         print(json.dumps(e.to_dict(), indent=2))
         return

@@ -5,8 +5,10 @@ from invoke import Context
 
 from kvmlab.core import ui
 from kvmlab.core.errors import InstallError
+from kvmlab.install import txn as inst
+from kvmlab.model.recipe import load_recipe
 
-from ._common import run_step_checks, settings, task
+from ._common import dry_run_end, run_step_checks, settings, task
 
 
 def _short(sha: str) -> str:
@@ -46,7 +48,6 @@ def install(ctx: Context, recipe: str = "", builder: str = "", prefix: str = "",
 
     Before copying anything, the shared libraries the build recorded are looked up on this host
     (ld.so.cache and the loader's directories)."""
-    from kvmlab.install import txn as inst
     s = settings(ctx, recipe=recipe, builder=builder)
     res = inst.install(s, s.recipe, s.builder, prefix=prefix or None, destdir=destdir or None,
                        mode=mode, dry_run=dry_run, install_deps=install_deps)
@@ -58,7 +59,7 @@ def install(ctx: Context, recipe: str = "", builder: str = "", prefix: str = "",
     for w in res.warnings:
         ui.warn(w)
     if dry_run:
-        ui.info("dry run: nothing was written")
+        dry_run_end()
         return
     ui.info(("nothing to do: " if res.noop else "") + f"install manifest: {res.manifest_path}")
     ui.info(f"next: `invoke install-bios --prefix {res.prefix}"
@@ -86,7 +87,6 @@ def install_bios(ctx: Context, recipe: str = "", builder: str = "", prefix: str 
 
     The directories come from the build's recorded configuration and a paused trial start of the
     binary (under strace where available)."""
-    from kvmlab.install import txn as inst
     s = settings(ctx, recipe=recipe, builder=builder)
     res = inst.install_bios(s, s.recipe, s.builder, prefix=prefix or None,
                             destdir=destdir or None, qemu=qemu or None,
@@ -103,7 +103,7 @@ def install_bios(ctx: Context, recipe: str = "", builder: str = "", prefix: str 
     for w in res.warnings:
         ui.warn(w)
     if dry_run:
-        ui.info("dry run: nothing was written")
+        dry_run_end()
         return
     if res.noop:
         ui.info("nothing to do: every file was already correct")
@@ -123,14 +123,13 @@ def install_bios(ctx: Context, recipe: str = "", builder: str = "", prefix: str 
             + (f", BIOS loaded from {bios}" if bios else "") + "; quit it")
     for n in p.missing_warn:
         ui.warn(f"it still warns about {n} (no source for it)")
-    run_step_checks(s, "install", no_verify,
+    run_step_checks(s, "install-bios", no_verify,
                     extra_env={"KVMLAB_VERIFY_INSTALL_MANIFEST": str(res.manifest_path)}
                     if res.manifest_path and res.manifest_path.exists() else None)
 
 
 def _show_debug_lines(s, proof) -> None:  # noqa: ANN001
     """With the recipe option debug-bios-path, the binary prints each firmware path it loads."""
-    from kvmlab.model.recipe import load_recipe
     try:
         r = load_recipe(s.recipes_dir, s.recipe)
     except Exception:  # the recipe was loaded fine a moment ago; never fail on display
@@ -153,7 +152,6 @@ def _show_debug_lines(s, proof) -> None:  # noqa: ANN001
 def uninstall(ctx: Context, recipe: str = "", prefix: str = "", destdir: str = "",
               step: str = "", force: bool = False) -> None:
     """Remove exactly what install/install-bios wrote and restore the files they replaced."""
-    from kvmlab.install import txn as inst
     if step not in ("", "install", "install-bios"):
         raise InstallError(f"unknown --step {step!r}", hint="install or install-bios")
     s = settings(ctx, recipe=recipe)

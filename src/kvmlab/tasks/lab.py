@@ -5,7 +5,9 @@ from invoke import Context
 
 from kvmlab.core import ui
 from kvmlab.core.errors import LabError
+from kvmlab.lab import remote, steps
 from kvmlab.lab import runner as lab_mod
+from kvmlab.lab import verify as verify_mod
 
 from ._common import settings, task
 
@@ -53,22 +55,20 @@ def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", 
         qemu=qemu or None, force=force, skip=tuple(x for x in skip.split(",") if x),
         timeout=timeout or None, install_deps=install_deps)
     if hosts:
-        from kvmlab.lab import remote
         remote.run_hosts(s, opts, hosts)
         return
     with ui.console.status("lab") as status:
         res = lab_mod.run_lab(s, opts, resume=resume,
                               on_step=lambda st: status.update(f"lab: {st} ..."))
     lab_mod.print_summary(res)
-    if res.error:
+    if res.error and res.failed:
         raise LabError(f"lab stopped at {res.failed.step}: {res.error.message}",
                        hint=(res.error.hint + "; " if res.error.hint else "") +
                        "fix it, then `invoke lab --resume` continues from there")
     ui.info(f"lock written: {res.lock_path}")
     if not no_verify:
-        from kvmlab.lab import verify as verify_mod
-        steps = [st for st in verify_mod.available_steps(s) if st in lab_mod.VERIFIED_STEPS]
-        report = verify_mod.run_checks(s, steps, ["local://"], extra_env=lab_mod.verify_env(res))
+        checks = [c for c in steps.checks_of_run() if c in verify_mod.available_steps(s)]
+        report = verify_mod.run_checks(s, checks, ["local://"], extra_env=lab_mod.verify_env(res))
         verify_mod.print_report(report)
         if not report.ok:
             raise LabError("lab finished but its checks failed: " +

@@ -11,9 +11,11 @@ from kvmlab.model.recipe import list_recipes
 from ._common import settings, task
 
 
-@task(help={"step": "a step name (fetch, patch, build, ...) or 'all'",
+@task(help={"step": "comma-separated steps (fetch, patch, build, doctor, boot-test, ...; or a "
+                    "check file's name: host, boot, kmod) or 'all'",
             "hosts": "comma-separated testinfra hosts: local://, docker://NAME, ssh://user@host",
-            "recipe": "recipe whose state is checked", "builder": "builder whose outputs are checked"})
+            "recipe": "recipe whose state is checked",
+            "builder": "builder whose outputs are checked"})
 def verify(ctx: Context, step: str = "all", hosts: str = "local://", recipe: str = "",
            builder: str = "") -> None:
     """Run the testinfra checks of one step (or all) against hosts; print a pass/fail table."""
