@@ -22,7 +22,7 @@ def test_make_install_in_the_builder(tmp_path, monkeypatch):
     from kvmlab.build import qemu as build
     from kvmlab.build.images import docker_client
     from kvmlab.core.settings import load_settings
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     from kvmlab.model.recipe import load_recipe
     state = tmp_path / "state"
     state.mkdir()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmlab.install.firmware import find_search_dirs
+
 
 @pytest.fixture(scope="module")
 def manifests(kvmlab_settings, verify_env):
@@ -29,7 +31,7 @@ def manifests(kvmlab_settings, verify_env):
 
 def test_installed_files_match_manifest(host, manifests):
     bad = []
-    for mpath, m in manifests:
+    for _mpath, m in manifests:
         for e in m["files"]:
             f = host.file(e["path"])
             if e.get("type") == "symlink":
@@ -130,7 +132,6 @@ def test_firmware_in_every_search_dir(host, manifests):
         dirs = list(bios.get("search_dirs", [])) + list(bios.get("compat_dirs", []))
         if host.backend.NAME == "local" and os.path.exists(bios["qemu"]):
             # ask the binary again: its search path may have changed since
-            from kvmlab.install.txn import find_search_dirs
             now = find_search_dirs(Path(bios["qemu"]), probe=False)
             dirs += [str(d) for d in now.dirs if str(d) not in dirs]
         names = [n for n in ("bios.bin", "vapic.bin") if n in bios.get("recipe_files", [])] or \

@@ -134,7 +134,7 @@ def _installed_files(manifest_path: Path) -> dict[str, str]:
 
 
 def _install(c: _Ctx) -> StepOutcome:
-    from kvmlab.install import txn as install
+    from kvmlab import install
     r = install.install(c.s, c.recipe, c.o.builder, prefix=c.o.prefix, destdir=c.o.destdir,
                         install_deps=c.o.install_deps)
     c.qemu = install.binary_path(c.recipe, Path(r.root))
@@ -144,7 +144,7 @@ def _install(c: _Ctx) -> StepOutcome:
 
 
 def _install_bios(c: _Ctx) -> StepOutcome:
-    from kvmlab.install import txn as install
+    from kvmlab import install
     r = install.install_bios(c.s, c.recipe, c.o.builder, prefix=c.o.prefix, destdir=c.o.destdir)
     dirs = [str(d) for d in r.search.dirs]
     return StepOutcome("install-bios", "no-op" if r.noop else "ok",
@@ -208,7 +208,7 @@ def _boot_qemu(c: _Ctx) -> Path:
     if c.o.qemu:
         return Path(c.o.qemu)
     if c.qemu is None:
-        from kvmlab.install import txn as install
+        from kvmlab import install
         c.qemu = install.installed_qemu(c.s, c.o.prefix)
     if c.qemu is None:
         raise LabError("no installed qemu to boot", hint="run the install step or pass --qemu")
@@ -324,7 +324,7 @@ def run_lab(settings: Settings, opts: LabOptions, *, resume: bool = False,
             outcomes.append(StepOutcome(step, "no-op", figure="done before --resume",
                                         record=done[step]["record"]))
             if step == "install":
-                from kvmlab.install import txn as install
+                from kvmlab import install
                 c.qemu = install.binary_path(c.recipe, Path(done[step]["record"]["root"]))
             continue
         ih = _inputs_hash(c, step) if step in CACHED_STEPS else None

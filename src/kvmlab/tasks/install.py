@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from invoke import Context
 
+from kvmlab import install as inst
 from kvmlab.core import ui
 from kvmlab.core.errors import InstallError
+from kvmlab.model.recipe import load_recipe
 
 from ._common import run_step_checks, settings, task
 
@@ -46,7 +48,6 @@ def install(ctx: Context, recipe: str = "", builder: str = "", prefix: str = "",
 
     Before copying anything, the shared libraries the build recorded are looked up on this host
     (ld.so.cache and the loader's directories)."""
-    from kvmlab.install import txn as inst
     s = settings(ctx, recipe=recipe, builder=builder)
     res = inst.install(s, s.recipe, s.builder, prefix=prefix or None, destdir=destdir or None,
                        mode=mode, dry_run=dry_run, install_deps=install_deps)
@@ -86,7 +87,6 @@ def install_bios(ctx: Context, recipe: str = "", builder: str = "", prefix: str 
 
     The directories come from the build's recorded configuration and a paused trial start of the
     binary (under strace where available)."""
-    from kvmlab.install import txn as inst
     s = settings(ctx, recipe=recipe, builder=builder)
     res = inst.install_bios(s, s.recipe, s.builder, prefix=prefix or None,
                             destdir=destdir or None, qemu=qemu or None,
@@ -130,7 +130,6 @@ def install_bios(ctx: Context, recipe: str = "", builder: str = "", prefix: str 
 
 def _show_debug_lines(s, proof) -> None:  # noqa: ANN001
     """With the recipe option debug-bios-path, the binary prints each firmware path it loads."""
-    from kvmlab.model.recipe import load_recipe
     try:
         r = load_recipe(s.recipes_dir, s.recipe)
     except Exception:  # the recipe was loaded fine a moment ago; never fail on display
@@ -153,7 +152,6 @@ def _show_debug_lines(s, proof) -> None:  # noqa: ANN001
 def uninstall(ctx: Context, recipe: str = "", prefix: str = "", destdir: str = "",
               step: str = "", force: bool = False) -> None:
     """Remove exactly what install/install-bios wrote and restore the files they replaced."""
-    from kvmlab.install import txn as inst
     if step not in ("", "install", "install-bios"):
         raise InstallError(f"unknown --step {step!r}", hint="install or install-bios")
     s = settings(ctx, recipe=recipe)
