@@ -226,8 +226,8 @@ def test_root_owned_prefix_as_a_normal_user(env, tmp_path):
 
 
 def test_directory_in_the_way(env):
-    from kvmlab.core.errors import InstallError
     from kvmlab import install as inst
+    from kvmlab.core.errors import InstallError
     root = env.destdir / "usr/local"
     (root / "bin/qemu-io").mkdir(parents=True)
     before = tree_state(env.destdir)
@@ -238,8 +238,8 @@ def test_directory_in_the_way(env):
 
 
 def test_file_in_the_way_of_a_directory(env):
-    from kvmlab.core.errors import InstallError
     from kvmlab import install as inst
+    from kvmlab.core.errors import InstallError
     inst.install(env.settings, env.recipe, "native", destdir=str(env.destdir))
     root = env.destdir / "usr/local"
     (root / "share").write_text("not a directory\n")
@@ -265,8 +265,8 @@ def tiny_fs(tmp_path):
 
 
 def test_disk_full_is_refused_before_writing(env, tiny_fs):
-    from kvmlab.core.errors import InstallError
     from kvmlab import install as inst
+    from kvmlab.core.errors import InstallError
     before = tree_state(tiny_fs)
     with pytest.raises(InstallError) as ei:
         inst.install(env.settings, env.recipe, "native", prefix=str(tiny_fs))
@@ -277,8 +277,8 @@ def test_disk_full_is_refused_before_writing(env, tiny_fs):
 
 def test_real_enospc_mid_install_rolls_back(env, tiny_fs, monkeypatch):
     """With the space pre-check blinded, the kernel's ENOSPC hits mid-copy: all undone."""
-    from kvmlab.core.errors import InstallError
     from kvmlab import install as inst
+    from kvmlab.core.errors import InstallError
     (tiny_fs / "bin").mkdir()
     (tiny_fs / "bin/qemu-system-x86_64").write_bytes(b"the previous qemu\n")
     before = tree_state(tiny_fs)
@@ -292,8 +292,8 @@ def test_real_enospc_mid_install_rolls_back(env, tiny_fs, monkeypatch):
 
 
 def test_failed_write_rolls_back_replacements(env, monkeypatch):
-    from kvmlab.core.errors import InstallError
     from kvmlab import install as inst
+    from kvmlab.core.errors import InstallError
     inst.install(env.settings, env.recipe, "native", destdir=str(env.destdir))
     first = tree_state(env.destdir)
     manifest = inst.manifest_path(env.settings, str(env.destdir), "/usr/local").read_text()
@@ -381,7 +381,8 @@ def test_installed_qemu_prefers_a_real_install(env, tmp_path):
 
 @pytest.mark.qemu
 @pytest.mark.skipif(SYS_QEMU is None or not DIST_FW,
-                    reason="Debian's qemu-system-x86 is not installed (apt-get install qemu-system-x86)")
+                    reason="Debian's qemu-system-x86 is not installed "
+                           "(apt-get install qemu-system-x86)")
 def test_distribution_qemu_search_path_and_install_bios(env, tmp_path):
     """Debian's qemu 7.2 copied into a prefix: several data dirs (`-L help`), other names."""
     from kvmlab import install as inst
@@ -462,8 +463,8 @@ def test_immutable_data_dir_is_refused_before_writing(env):
     """chattr +i: even root cannot write there; install-bios says why and writes nothing."""
     if os.geteuid() != 0 or not shutil.which("chattr"):
         pytest.skip("needs root and chattr")
-    from kvmlab.core.errors import InstallError
     from kvmlab import install as inst
+    from kvmlab.core.errors import InstallError
     inst.install(env.settings, env.recipe, "native", destdir=str(env.destdir))
     data = env.destdir / "usr/local/share/qemu"
     data.mkdir(parents=True)

@@ -55,8 +55,8 @@ def write_out(s, r, contents: dict[str, bytes] | None = None) -> Path:
 
 
 def test_missing_build_output_says_build_first(env):
-    from kvmlab.core.errors import InstallError
     from kvmlab import install as inst
+    from kvmlab.core.errors import InstallError
     s, r, tmp = env
     with pytest.raises(InstallError) as ei:
         inst.install(s, r, "native", destdir=str(tmp / "d"))
@@ -65,8 +65,8 @@ def test_missing_build_output_says_build_first(env):
 
 
 def test_incomplete_build_output_is_refused(env):
-    from kvmlab.core.errors import InstallError
     from kvmlab import install as inst
+    from kvmlab.core.errors import InstallError
     s, r, tmp = env
     out = write_out(s, r)
     (out / "bin/qemu-io").unlink()
@@ -75,8 +75,8 @@ def test_incomplete_build_output_is_refused(env):
 
 
 def test_unknown_mode(env):
-    from kvmlab.core.errors import InstallError
     from kvmlab import install as inst
+    from kvmlab.core.errors import InstallError
     s, r, tmp = env
     with pytest.raises(InstallError, match="unknown install mode 'move'"):
         inst.install(s, r, "native", mode="move")
@@ -154,8 +154,8 @@ def test_uninstall_leaves_files_changed_since_unless_forced(env):
 
 
 def test_uninstall_nothing_installed(env):
-    from kvmlab.core.errors import InstallError
     from kvmlab import install as inst
+    from kvmlab.core.errors import InstallError
     s, r, tmp = env
     with pytest.raises(InstallError, match="nothing installed by kvmlab under"):
         inst.uninstall(s, destdir=str(tmp / "d"))
@@ -226,3 +226,30 @@ def test_ctrl_c_mid_install_rolls_back(env, monkeypatch):
         inst.install(s, r, "native", destdir=str(tmp / "d"))
     assert tree_state(tmp / "d") == before
     assert not inst.manifest_path(s, str(tmp / "d"), "/usr/local").exists()
+
+
+def test_manifest_written_before_the_redesign_is_listed_and_uninstalled(env):
+    """tests/data/pre-redesign/install-manifest.json (a real lab run of the old code), moved
+    under a DESTDIR so that nothing real is touched: list_manifests reads it, uninstall undoes
+    it entry by entry (a file changed since is left alone) and keeps the rest of the record."""
+    from kvmlab import install as inst
+    s, _r, tmp = env
+    old = Path(__file__).resolve().parents[1] / "data" / "pre-redesign" / "install-manifest.json"
+    d = tmp / "d"
+    raw = json.loads(old.read_text().replace('"/usr/local', f'"{d}/usr/local'))
+    raw["destdir"], raw["prefix"] = str(d), "/usr/local"
+    mpath = inst.manifest_path(s, str(d), "/usr/local")
+    mpath.parent.mkdir(parents=True)
+    mpath.write_text(json.dumps(raw))
+    [(p, m)] = inst.list_manifests(s)
+    assert p == mpath and m.prefix == "/usr/local" and len(m.files) == len(raw["files"]) == 51
+    assert m.installs == raw["installs"] and m.bios["method"] == "0.12 rule"
+    bios = d / "usr/local/share/qemu/bios.bin"
+    bios.parent.mkdir(parents=True)
+    bios.write_bytes(b"not what kvmlab wrote\n")
+    u = inst.uninstall(s, destdir=str(d))
+    assert u.skipped == [(str(bios), "changed since kvmlab installed it (use --force)")]
+    assert len(u.removed) == 50 and bios.read_bytes() == b"not what kvmlab wrote\n"
+    left = json.loads(mpath.read_text())
+    assert [e["path"] for e in left["files"]] == [str(bios)]
+    assert left["installs"] == raw["installs"] and left["schema"] == 1

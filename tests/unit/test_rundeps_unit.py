@@ -177,8 +177,8 @@ def test_cli_refuses_a_missing_library_with_the_apt_line_and_writes_nothing(env,
 
 
 def test_unknown_package_is_refused_even_with_install_deps(env):
-    from kvmlab.core.errors import InstallError
     from kvmlab import install as inst
+    from kvmlab.core.errors import InstallError
     s, r, tmp = env
     _out(s, r, [_dep(MISSING, None)])
     with pytest.raises(InstallError) as ei:
