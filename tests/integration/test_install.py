@@ -18,6 +18,8 @@ import pytest
 
 from conftest import REPO
 from kvmlab.boot.vm import distro_qemu as _distro_qemu
+from kvmlab.core.fsutil import sha256_file
+from kvmlab.install import preflight, txn
 from support.install import make_fake_build, make_home, tree_state
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this host")
@@ -61,7 +63,7 @@ def start(binary: Path) -> subprocess.CompletedProcess:
 
 
 def test_install_bios_fixes_the_classic_failure_and_uninstall_restores(env):
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     s, r, dd = env.settings, env.recipe, env.destdir
     root = dd / "usr/local"
     # a previous state to restore: an older qemu-img, an unrelated data file
@@ -138,7 +140,7 @@ def test_cli_install_install_bios_verify_uninstall(env, cli):
 
 @pytest.mark.slow
 def test_verify_catches_a_tampered_file(env, cli):
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     res = inst.install(env.settings, env.recipe, "native", destdir=str(env.destdir))
     path = Path(res.rows[1].path)
     path.write_bytes(b"tampered")
@@ -157,7 +159,7 @@ def test_missing_artifacts_hint_build(env, cli):
 
 
 def test_install_bios_failure_prints_the_path_it_tried(env, cli):
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     inst.install(env.settings, env.recipe, "native", destdir=str(env.destdir))
     # a build output without bios.bin
     mf = env.out / "manifest.json"
@@ -224,8 +226,8 @@ def test_root_owned_prefix_as_a_normal_user(env, tmp_path):
 
 
 def test_directory_in_the_way(env):
+    from kvmlab import install as inst
     from kvmlab.core.errors import InstallError
-    from kvmlab.install import txn as inst
     root = env.destdir / "usr/local"
     (root / "bin/qemu-io").mkdir(parents=True)
     before = tree_state(env.destdir)
@@ -236,8 +238,8 @@ def test_directory_in_the_way(env):
 
 
 def test_file_in_the_way_of_a_directory(env):
+    from kvmlab import install as inst
     from kvmlab.core.errors import InstallError
-    from kvmlab.install import txn as inst
     inst.install(env.settings, env.recipe, "native", destdir=str(env.destdir))
     root = env.destdir / "usr/local"
     (root / "share").write_text("not a directory\n")
@@ -263,8 +265,8 @@ def tiny_fs(tmp_path):
 
 
 def test_disk_full_is_refused_before_writing(env, tiny_fs):
+    from kvmlab import install as inst
     from kvmlab.core.errors import InstallError
-    from kvmlab.install import txn as inst
     before = tree_state(tiny_fs)
     with pytest.raises(InstallError) as ei:
         inst.install(env.settings, env.recipe, "native", prefix=str(tiny_fs))
@@ -275,12 +277,12 @@ def test_disk_full_is_refused_before_writing(env, tiny_fs):
 
 def test_real_enospc_mid_install_rolls_back(env, tiny_fs, monkeypatch):
     """With the space pre-check blinded, the kernel's ENOSPC hits mid-copy: all undone."""
+    from kvmlab import install as inst
     from kvmlab.core.errors import InstallError
-    from kvmlab.install import txn as inst
     (tiny_fs / "bin").mkdir()
     (tiny_fs / "bin/qemu-system-x86_64").write_bytes(b"the previous qemu\n")
     before = tree_state(tiny_fs)
-    monkeypatch.setattr(inst, "_free_bytes", lambda d: 1 << 40)
+    monkeypatch.setattr(preflight, "_free_bytes", lambda d: 1 << 40)
     with pytest.raises(InstallError) as ei:
         inst.install(env.settings, env.recipe, "native", prefix=str(tiny_fs))
     assert ei.value.message.startswith("disk full while writing ")
@@ -290,8 +292,8 @@ def test_real_enospc_mid_install_rolls_back(env, tiny_fs, monkeypatch):
 
 
 def test_failed_write_rolls_back_replacements(env, monkeypatch):
+    from kvmlab import install as inst
     from kvmlab.core.errors import InstallError
-    from kvmlab.install import txn as inst
     inst.install(env.settings, env.recipe, "native", destdir=str(env.destdir))
     first = tree_state(env.destdir)
     manifest = inst.manifest_path(env.settings, str(env.destdir), "/usr/local").read_text()
@@ -300,17 +302,17 @@ def test_failed_write_rolls_back_replacements(env, monkeypatch):
         p.write_bytes(p.read_bytes() + b"\0new")
     m = json.loads((env.out / "manifest.json").read_text())
     for a in m["artifacts"]:
-        a["sha256"] = inst.sha256_file(env.out / a["path"])
+        a["sha256"] = sha256_file(env.out / a["path"])
     (env.out / "manifest.json").write_text(json.dumps(m))
     calls = {"n": 0}
-    real = inst._copy_data
+    real = txn._copy_data
 
     def failing(src, dst):
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
         real(src, dst)
-    monkeypatch.setattr(inst, "_copy_data", failing)
+    monkeypatch.setattr(txn, "_copy_data", failing)
     with pytest.raises(InstallError, match="disk full"):
         inst.install(env.settings, env.recipe, "native", destdir=str(env.destdir))
     assert tree_state(env.destdir) == first
@@ -319,7 +321,7 @@ def test_failed_write_rolls_back_replacements(env, monkeypatch):
 
 
 def test_symlink_mode_finds_the_build_outputs_firmware(env):
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     res = inst.install(env.settings, env.recipe, "native", destdir=str(env.destdir),
                        mode="symlink")
     q = env.destdir / "usr/local/bin/qemu-system-x86_64"
@@ -333,7 +335,7 @@ def test_symlink_mode_finds_the_build_outputs_firmware(env):
 
 
 def test_make_install_mode_native(env):
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     res = inst.install(env.settings, env.recipe, "native", destdir=str(env.destdir),
                        mode="make-install")
     names = {Path(x.path).relative_to(env.destdir).as_posix() for x in res.rows}
@@ -349,7 +351,7 @@ def test_make_install_mode_native(env):
 
 
 def test_binary_names_rename(env, tmp_path):
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     from kvmlab.model.recipe import load_recipe
     home = make_home(tmp_path / "home", extra='binary_names = { "qemu-system-x86_64" = '
                                               '"qemu-kvm" }\n')
@@ -364,7 +366,7 @@ def test_binary_names_rename(env, tmp_path):
 
 
 def test_installed_qemu_prefers_a_real_install(env, tmp_path):
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     assert inst.installed_qemu(env.settings) is None
     inst.install(env.settings, env.recipe, "native", destdir=str(env.destdir))
     staged = env.destdir / "usr/local/bin/qemu-system-x86_64"
@@ -379,10 +381,11 @@ def test_installed_qemu_prefers_a_real_install(env, tmp_path):
 
 @pytest.mark.qemu
 @pytest.mark.skipif(SYS_QEMU is None or not DIST_FW,
-                    reason="Debian's qemu-system-x86 is not installed (apt-get install qemu-system-x86)")
+                    reason="Debian's qemu-system-x86 is not installed "
+                           "(apt-get install qemu-system-x86)")
 def test_distribution_qemu_search_path_and_install_bios(env, tmp_path):
     """Debian's qemu 7.2 copied into a prefix: several data dirs (`-L help`), other names."""
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     prefix = tmp_path / "dist"
     (prefix / "bin").mkdir(parents=True)
     shutil.copy2(os.path.realpath(SYS_QEMU), prefix / "bin/qemu-system-x86_64")
@@ -417,7 +420,7 @@ def test_distribution_qemu_search_path_and_install_bios(env, tmp_path):
 def test_observation_beats_prediction_for_a_wrapper_with_L(env, tmp_path):
     """A wrapper script that passes -L (like distributions' `kvm` wrappers): the 0.12 rule
     predicts PREFIX/share/qemu, but the binary really searches the -L directory."""
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     prefix = tmp_path / "px"
     inst.install(env.settings, env.recipe, "native", prefix=str(prefix))
     bindir = prefix / "bin"
@@ -442,7 +445,7 @@ def test_destdir_install_never_writes_outside_destdir(env, tmp_path):
     written; the proof then fails and names the path."""
     if shutil.which("strace") is None:
         pytest.skip("strace not installed")
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     inst.install(env.settings, env.recipe, "native", destdir=str(env.destdir))
     bindir = env.destdir / "usr/local/bin"
     fwdir = tmp_path / "outside"
@@ -460,8 +463,8 @@ def test_immutable_data_dir_is_refused_before_writing(env):
     """chattr +i: even root cannot write there; install-bios says why and writes nothing."""
     if os.geteuid() != 0 or not shutil.which("chattr"):
         pytest.skip("needs root and chattr")
+    from kvmlab import install as inst
     from kvmlab.core.errors import InstallError
-    from kvmlab.install import txn as inst
     inst.install(env.settings, env.recipe, "native", destdir=str(env.destdir))
     data = env.destdir / "usr/local/share/qemu"
     data.mkdir(parents=True)
@@ -497,7 +500,7 @@ def test_path_prefix_binaries_found_on_path(env, cli, tmp_path, monkeypatch):
 
 
 def test_uninstall_only_the_firmware(env):
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     inst.install(env.settings, env.recipe, "native", destdir=str(env.destdir))
     after_install = tree_state(env.destdir)
     b = inst.install_bios(env.settings, env.recipe, "native", destdir=str(env.destdir))
@@ -514,7 +517,7 @@ def test_uninstall_only_the_firmware(env):
 def test_compat_dirs_from_the_recipe(env, tmp_path):
     """RHEL 6 layout: bios.bin also in /usr/share/seabios (under DESTDIR), relative dirs under
     the prefix."""
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     from kvmlab.model.recipe import load_recipe
     home = make_home(tmp_path / "home",
                      extra='firmware_compat_dirs = ["/usr/share/seabios", "share/qemu-kvm"]\n')

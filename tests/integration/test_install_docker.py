@@ -1,5 +1,5 @@
-"""make-install mode in the real debian12 builder: the fake tree built by kvmlab.build.qemu, then its
-own `make install DESTDIR=...` run in the builder container and copied into place."""
+"""make-install mode in the real debian12 builder: the fake tree built by kvmlab.build.qemu, then
+its own `make install DESTDIR=...` run in the builder container and copied into place."""
 from __future__ import annotations
 
 import os
@@ -19,10 +19,10 @@ def test_make_install_in_the_builder(tmp_path, monkeypatch):
     reason = docker_available()
     if reason:
         pytest.skip(f"no docker daemon: {reason}")
+    from kvmlab import install as inst
     from kvmlab.build import qemu as build
     from kvmlab.build.images import docker_client
     from kvmlab.core.settings import load_settings
-    from kvmlab.install import txn as inst
     from kvmlab.model.recipe import load_recipe
     state = tmp_path / "state"
     state.mkdir()

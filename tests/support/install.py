@@ -33,7 +33,8 @@ def make_home(base: Path, name: str = FAKE_RECIPE, extra: str = "") -> Path:
 
 def make_fake_build(settings, recipe, builder: str, work: Path,
                     configured_prefix: str = "/usr/local") -> Path:
-    """Build the fake tree natively and lay out settings.out(recipe, builder) like kvmlab.build.qemu.
+    """Build the fake tree natively and lay out settings.out(recipe, builder) like
+    kvmlab.build.qemu.
 
     Returns the out dir. The tree is kept (manifest build_dir) for make-install.
     """

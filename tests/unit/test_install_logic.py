@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmlab.core.fsutil import sha256_file
+from kvmlab.install import txn
 from support.install import make_home, tree_state
 
 
@@ -53,8 +55,8 @@ def write_out(s, r, contents: dict[str, bytes] | None = None) -> Path:
 
 
 def test_missing_build_output_says_build_first(env):
+    from kvmlab import install as inst
     from kvmlab.core.errors import InstallError
-    from kvmlab.install import txn as inst
     s, r, tmp = env
     with pytest.raises(InstallError) as ei:
         inst.install(s, r, "native", destdir=str(tmp / "d"))
@@ -63,8 +65,8 @@ def test_missing_build_output_says_build_first(env):
 
 
 def test_incomplete_build_output_is_refused(env):
+    from kvmlab import install as inst
     from kvmlab.core.errors import InstallError
-    from kvmlab.install import txn as inst
     s, r, tmp = env
     out = write_out(s, r)
     (out / "bin/qemu-io").unlink()
@@ -73,15 +75,15 @@ def test_incomplete_build_output_is_refused(env):
 
 
 def test_unknown_mode(env):
+    from kvmlab import install as inst
     from kvmlab.core.errors import InstallError
-    from kvmlab.install import txn as inst
     s, r, tmp = env
     with pytest.raises(InstallError, match="unknown install mode 'move'"):
         inst.install(s, r, "native", mode="move")
 
 
 def test_manifest_path_one_per_destdir_and_prefix(env):
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     s, _r, _tmp = env
     a = inst.manifest_path(s, "", "/usr/local")
     assert a == inst.manifest_path(s, None, "/usr/local/")
@@ -91,7 +93,7 @@ def test_manifest_path_one_per_destdir_and_prefix(env):
 
 
 def test_dry_run_writes_nothing(env):
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     s, r, tmp = env
     write_out(s, r)
     res = inst.install(s, r, "native", destdir=str(tmp / "d"), dry_run=True)
@@ -100,7 +102,7 @@ def test_dry_run_writes_nothing(env):
 
 
 def test_copy_install_records_and_is_idempotent(env):
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     s, r, tmp = env
     write_out(s, r)
     res = inst.install(s, r, "native", destdir=str(tmp / "d"))
@@ -110,14 +112,14 @@ def test_copy_install_records_and_is_idempotent(env):
                      ("qemu-system-x86_64", "qemu-img", "qemu-io", "qemu-nbd")}
     for e in m["files"]:
         st = os.stat(e["path"])
-        assert e["sha256"] == inst.sha256_file(e["path"]) and e["mode"] == "0755"
+        assert e["sha256"] == sha256_file(e["path"]) and e["mode"] == "0755"
         assert (e["uid"], e["gid"]) == (st.st_uid, st.st_gid) and e["replaced"] is None
     again = inst.install(s, r, "native", destdir=str(tmp / "d"))
     assert again.noop and {x.status for x in again.rows} == {"already correct"}
 
 
 def test_update_of_our_own_file_keeps_the_original_backup(env):
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     s, r, tmp = env
     bindir = tmp / "d/usr/local/bin"
     bindir.mkdir(parents=True)
@@ -138,7 +140,7 @@ def test_update_of_our_own_file_keeps_the_original_backup(env):
 
 
 def test_uninstall_leaves_files_changed_since_unless_forced(env):
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     s, r, tmp = env
     write_out(s, r)
     inst.install(s, r, "native", destdir=str(tmp / "d"))
@@ -152,15 +154,15 @@ def test_uninstall_leaves_files_changed_since_unless_forced(env):
 
 
 def test_uninstall_nothing_installed(env):
+    from kvmlab import install as inst
     from kvmlab.core.errors import InstallError
-    from kvmlab.install import txn as inst
     s, r, tmp = env
     with pytest.raises(InstallError, match="nothing installed by kvmlab under"):
         inst.uninstall(s, destdir=str(tmp / "d"))
 
 
 def test_parse_strace_keeps_absolute_firmware_paths():
-    from kvmlab.install.txn import _parse_strace
+    from kvmlab.install.probe import _parse_strace
     text = "\n".join([
         '123 access("bios-256k.bin", R_OK) = -1 ENOENT (No such file or directory)',
         '123 access("/p/bin/../share/qemu/bios-256k.bin", R_OK) = -1 ENOENT (No such file)',
@@ -175,7 +177,7 @@ def test_parse_strace_keeps_absolute_firmware_paths():
 
 
 def test_explain_failure_names_the_paths():
-    from kvmlab.install.txn import ProbeRun, explain_failure
+    from kvmlab.install import ProbeRun, explain_failure
     p = ProbeRun(Path("/q"), [], False, 1, "qemu: could not load PC BIOS 'bios.bin'\n", "",
                  [("/x/share/qemu/bios.bin", False)], ["bios.bin"], [], {}, True)
     text = explain_failure(p)
@@ -185,7 +187,7 @@ def test_explain_failure_names_the_paths():
 
 def test_debug_bios_path_lines_count_as_observations(tmp_path):
     """Without strace, a binary built with debug-bios-path still tells where it looked."""
-    from kvmlab.install.txn import run_probe
+    from kvmlab.install import run_probe
     fake = tmp_path / "qemu"
     fake.write_text("#!/bin/sh\n"
                     "case \"$1\" in -version)\n"
@@ -204,7 +206,7 @@ def test_debug_bios_path_lines_count_as_observations(tmp_path):
 
 
 def test_ctrl_c_mid_install_rolls_back(env, monkeypatch):
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     s, r, tmp = env
     bindir = tmp / "d/usr/local/bin"
     bindir.mkdir(parents=True)
@@ -212,15 +214,42 @@ def test_ctrl_c_mid_install_rolls_back(env, monkeypatch):
     before = tree_state(tmp / "d")
     write_out(s, r)
     calls = {"n": 0}
-    real = inst._copy_data
+    real = txn._copy_data
 
     def interrupted(src, dst):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
         real(src, dst)
-    monkeypatch.setattr(inst, "_copy_data", interrupted)
+    monkeypatch.setattr(txn, "_copy_data", interrupted)
     with pytest.raises(KeyboardInterrupt):
         inst.install(s, r, "native", destdir=str(tmp / "d"))
     assert tree_state(tmp / "d") == before
     assert not inst.manifest_path(s, str(tmp / "d"), "/usr/local").exists()
+
+
+def test_manifest_written_before_the_redesign_is_listed_and_uninstalled(env):
+    """tests/data/pre-redesign/install-manifest.json (a real lab run of the old code), moved
+    under a DESTDIR so that nothing real is touched: list_manifests reads it, uninstall undoes
+    it entry by entry (a file changed since is left alone) and keeps the rest of the record."""
+    from kvmlab import install as inst
+    s, _r, tmp = env
+    old = Path(__file__).resolve().parents[1] / "data" / "pre-redesign" / "install-manifest.json"
+    d = tmp / "d"
+    raw = json.loads(old.read_text().replace('"/usr/local', f'"{d}/usr/local'))
+    raw["destdir"], raw["prefix"] = str(d), "/usr/local"
+    mpath = inst.manifest_path(s, str(d), "/usr/local")
+    mpath.parent.mkdir(parents=True)
+    mpath.write_text(json.dumps(raw))
+    [(p, m)] = inst.list_manifests(s)
+    assert p == mpath and m.prefix == "/usr/local" and len(m.files) == len(raw["files"]) == 51
+    assert m.installs == raw["installs"] and m.bios["method"] == "0.12 rule"
+    bios = d / "usr/local/share/qemu/bios.bin"
+    bios.parent.mkdir(parents=True)
+    bios.write_bytes(b"not what kvmlab wrote\n")
+    u = inst.uninstall(s, destdir=str(d))
+    assert u.skipped == [(str(bios), "changed since kvmlab installed it (use --force)")]
+    assert len(u.removed) == 50 and bios.read_bytes() == b"not what kvmlab wrote\n"
+    left = json.loads(mpath.read_text())
+    assert [e["path"] for e in left["files"]] == [str(bios)]
+    assert left["installs"] == raw["installs"] and left["schema"] == 1

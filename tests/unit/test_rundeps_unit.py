@@ -105,7 +105,7 @@ def test_dpkg_owner_found_through_the_merged_usr_alias():
 
 
 def test_ldconfig_entries_of_the_other_word_size_do_not_count():
-    from kvmlab.install.txn import parse_ldconfig
+    from kvmlab.install.deps import parse_ldconfig
     text = ("3 libs found in cache `/etc/ld.so.cache'\n"
             "\tlibz.so.1 (libc6,x86-64) => /lib/x86_64-linux-gnu/libz.so.1\n"
             "\tlibfoo.so.2 (libc6) => /lib/i386-linux-gnu/libfoo.so.2\n"
@@ -177,8 +177,8 @@ def test_cli_refuses_a_missing_library_with_the_apt_line_and_writes_nothing(env,
 
 
 def test_unknown_package_is_refused_even_with_install_deps(env):
+    from kvmlab import install as inst
     from kvmlab.core.errors import InstallError
-    from kvmlab.install import txn as inst
     s, r, tmp = env
     _out(s, r, [_dep(MISSING, None)])
     with pytest.raises(InstallError) as ei:
@@ -189,7 +189,7 @@ def test_unknown_package_is_refused_even_with_install_deps(env):
 
 
 def test_dry_run_reports_the_missing_library_and_old_manifests_still_install(env):
-    from kvmlab.install import txn as inst
+    from kvmlab import install as inst
     s, r, tmp = env
     _out(s, r, [_dep(MISSING, "kvmlab-test-pkg")])
     res = inst.install(s, r, "native", prefix=str(tmp / "p"), dry_run=True)

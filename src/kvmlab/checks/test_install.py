@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmlab.install.firmware import find_search_dirs
+
 
 @pytest.fixture(scope="module")
 def manifests(kvmlab_settings, verify_env):
@@ -29,7 +31,7 @@ def manifests(kvmlab_settings, verify_env):
 
 def test_installed_files_match_manifest(host, manifests):
     bad = []
-    for mpath, m in manifests:
+    for _mpath, m in manifests:
         for e in m["files"]:
             f = host.file(e["path"])
             if e.get("type") == "symlink":
@@ -131,7 +133,6 @@ def test_firmware_in_every_search_dir(host, manifests, recipe):
         if host.backend.NAME == "local" and os.path.exists(bios["qemu"]):
             # ask the binary again: its search path may have changed since (with the data dir
             # name of the recipe's layout: RHEL's qemu-kvm looks in share/qemu-kvm)
-            from kvmlab.install.txn import find_search_dirs
             ours = any(i.get("recipe") == recipe.name for i in m.get("installs", []))
             suffix = (recipe.install.get("datadir") if ours else None) or "share/qemu"
             now = find_search_dirs(Path(bios["qemu"]), probe=False, share_suffix=suffix)

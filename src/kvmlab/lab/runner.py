@@ -26,7 +26,7 @@ from kvmlab.core.fsutil import atomic_write_json, json_sha256, read_json, sha256
 from kvmlab.core.settings import Settings
 from kvmlab.core.stamps import Stamp
 from kvmlab.host import doctor as host
-from kvmlab.install import txn as install
+from kvmlab import install
 from kvmlab.lab import steps
 from kvmlab.lab.steps import Ctx, LabOptions, StepOutcome
 from kvmlab.model.recipe import load_recipe

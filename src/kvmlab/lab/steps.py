@@ -25,7 +25,7 @@ from kvmlab.core.errors import LabError
 from kvmlab.core.fsutil import read_json, sha256_file
 from kvmlab.core.settings import Settings
 from kvmlab.host import doctor as host
-from kvmlab.install import txn as install
+from kvmlab import install
 from kvmlab.model.recipe import Recipe, load_recipe
 from kvmlab.source import fetch, prepare
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from invoke import Context
 
+from kvmlab import install as inst
 from kvmlab.core import ui
 from kvmlab.core.errors import InstallError
-from kvmlab.install import txn as inst
 from kvmlab.model.recipe import load_recipe
 
 from ._common import dry_run_end, run_step_checks, settings, task
