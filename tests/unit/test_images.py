@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab.build import images
+from kvmlab.build import aptsources, images
 from kvmlab.core.errors import DockerError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -368,7 +368,7 @@ def load_modules(vendor: str, ko: list[str] | None = None, *, root: Path | str =
         missing = [p for p in ko if not Path(p).is_file()]
         if missing:
             raise HostError(f"module file not found: {', '.join(missing)}")
-        from kvmlab.build import kmod as kmodbuild
+        from kvmlab.build import kmodules as kmodbuild
         ordered = [str(p) for p in kmodbuild.load_order(_order_ko(ko))]
         release = kernel_release()
         for path in ordered:  # every module is checked before the first insmod

@@ -205,7 +205,7 @@ def _check_qemu_img(path: str) -> None:
 
 
 def _check_module(path: str) -> None:
-    from kvmlab.build.kmod import read_modinfo
+    from kvmlab.core.elf import read_modinfo
     read_modinfo(path)
 
 

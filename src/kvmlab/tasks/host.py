@@ -44,7 +44,7 @@ def load_modules(ctx: Context, ko: str = "", from_: str = "", unload: bool = Fal
     from kvmlab.host import doctor as host
     paths = [p for p in ko.split(",") if p]
     if from_:
-        from kvmlab.build.kmod import modules_from
+        from kvmlab.build.kmodules import modules_from
         paths += [str(p) for p in modules_from(from_)]
     if unload and paths:
         raise HostError("--ko and --unload do not go together")
