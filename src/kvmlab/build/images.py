@@ -461,7 +461,8 @@ def recipe_image(settings: Settings, recipe: Recipe, builder: str, *, offline: b
         except DockerError:
             info = None
         if info is None:
-            raise DockerError(f"builder image {name!r} is missing (and --offline builds no "
+            repo, tag = image_ref(settings, name, client)
+            raise DockerError(f"builder image {repo}:{tag} is missing (and --offline builds no "
                               "images)", hint=f"run `invoke images --builder {name}` (needs the "
                                               "apt mirror), then build again")
         return info
