@@ -216,7 +216,8 @@ def test_ctrl_c_removes_the_container_and_leaves_no_half_tree(tmp_path):
     client = _docker_or_skip()
     env = {**os.environ, "KVMLAB_HOME": str(REPO), "KVMLAB_STATE_DIR": str(tmp_path / "state"),
            "KVMLAB_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
-    code = ("from kvmlab.core.settings import load_settings\nfrom kvmlab import kmodbuild\n"
+    code = ("from kvmlab.core.settings import load_settings\n"
+            "from kvmlab.build import kmod as kmodbuild\n"
             f"kmodbuild.build_kmod(load_settings(), {RECIPE!r}, 'debian12', quiet=True)\n")
     p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)

@@ -461,8 +461,11 @@ def recipe_image(settings: Settings, recipe: Recipe, builder: str, *, offline: b
         except DockerError:
             info = None
         if info is None:
-            repo, tag = image_ref(settings, name, client)
-            raise DockerError(f"builder image {repo}:{tag} is missing (and --offline builds no "
+            try:
+                ref = ":".join(image_ref(settings, name, client))
+            except DockerError:
+                ref = repr(name)
+            raise DockerError(f"builder image {ref} is missing (and --offline builds no "
                               "images)", hint=f"run `invoke images --builder {name}` (needs the "
                                               "apt mirror), then build again")
         return info
