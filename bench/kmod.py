@@ -47,6 +47,7 @@ def main() -> int:
     from kvmlab.build import images
     from kvmlab.build import kmod as K
     from kvmlab.build import qemu as B
+    from kvmlab.core.fsutil import sha256_file
     from kvmlab.core.settings import load_settings
     from kvmlab.model.recipe import load_recipe
 
@@ -67,7 +68,7 @@ def main() -> int:
     identical: list[bool] = []
     try:
         t = time.monotonic()
-        image = K.image_for(s, recipe, args.builder, client=client)
+        image = images.recipe_image(s, recipe, args.builder, client=client)
         t_image = time.monotonic() - t
         print(f"K0 image {image.ref}: {'present' if image.noop else 'built'} in {t_image:.1f} s")
 
@@ -116,7 +117,7 @@ def main() -> int:
                 c.remove(force=True)
             dt = time.monotonic() - t0
             assert rc == 0, f"by-hand make failed (exit {rc})"
-            same = all(K.sha256_file(hand / rel) == K.sha256_file(res.out_dir / Path(rel).name)
+            same = all(sha256_file(hand / rel) == sha256_file(res.out_dir / Path(rel).name)
                        for rel in recipe.artifacts["modules"])
             identical.append(same)
             return dt

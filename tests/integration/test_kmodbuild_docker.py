@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from kvmlab.build import kmod as kmodbuild
+from kvmlab.build import kmodules
+from kvmlab.core import elf
 from support.build import container_names
 from support.kmod import COMPAT_HEADER, PROBE_C, REPO
 
@@ -66,8 +68,8 @@ def test_builds_the_three_modules_for_the_headers_version(built):
     for a in m["artifacts"]:
         p = built.out_dir / a["path"]
         assert p.is_file() and p.stat().st_size == a["size"] > 100_000
-        assert kmodbuild.sha256_file(p) == a["sha256"]
-        info = kmodbuild.read_modinfo(p)
+        assert kmodules.sha256_file(p) == a["sha256"]
+        info = elf.read_modinfo(p)
         assert info["vermagic"] == a["vermagic"]
         assert info["vermagic"].split()[0] == release
         assert "mod_unload" in info["vermagic"] and "modversions" in info["vermagic"]
@@ -78,7 +80,7 @@ def test_builds_the_three_modules_for_the_headers_version(built):
     assert by["kvm"]["depends"] == ["irqbypass"] and by["kvm_intel"]["depends"] == ["kvm"]
     assert "kvm" in by["kvm_amd"]["depends"]
     paths = [built.out_dir / a["path"] for a in m["artifacts"]]
-    assert set(kmodbuild.external_depends(paths)) == {"irqbypass", "ccp"}
+    assert set(kmodules.external_depends(paths)) == {"irqbypass", "ccp"}
     assert m["compat"]["items"] == []          # 6.1 headers + gcc 12: nothing to add
     assert m["compiler"].startswith("gcc")
 
@@ -97,12 +99,12 @@ def test_modinfo_program_agrees(built):
 
 def test_vermagic_mismatch_is_detected_before_insmod(built):
     kvm = built.out_dir / "kvm.ko"
-    assert kmodbuild.check_vermagic(kvm, "6.1.0-50-amd64")["name"] == "kvm"
+    assert kmodules.check_vermagic(kvm, "6.1.0-50-amd64")["name"] == "kvm"
     other = os.uname().release if os.uname().release != "6.1.0-50-amd64" else "6.18.0-other"
-    with pytest.raises(kmodbuild.VermagicMismatch) as e:
-        kmodbuild.check_vermagic(built.out_dir / "kvm-intel.ko", other)
+    with pytest.raises(kmodules.VermagicMismatch) as e:
+        kmodules.check_vermagic(built.out_dir / "kvm-intel.ko", other)
     assert "6.1.0-50-amd64" in e.value.message and other in e.value.message
-    order = kmodbuild.modules_from(built.out_dir)
+    order = kmodules.modules_from(built.out_dir)
     assert [p.name for p in order][0] == "kvm.ko"
 
 
@@ -138,7 +140,7 @@ def test_debug_vmx_series_builds_and_adds_the_printks(kmod_state, built):
 def test_compat_header_in_the_builder_against_the_real_kconfig_h(kmod_state, built):
     """The builder's gcc: with the 6.1 headers' own kconfig.h the compat header changes no macro;
     without it, it alone makes the probe compile, with the same answers as kconfig.h's."""
-    from kvmlab.build.qemu import _LogSink, _run_container
+    from kvmlab.build.containers import LogSink, build_binds, run_in_container
     s, base = kmod_state
     m = built.manifest
     common = [d for d in m["facts"]["HEADER_DIRS"].split() if d.endswith("-common")][0]
@@ -159,10 +161,11 @@ def test_compat_header_in_the_builder_against_the_real_kconfig_h(kmod_state, bui
         "if gcc -c probe.c -o none.o 2>none.err; then echo NONE-COMPILED; fi",
         "grep -c '#define IS_ENABLED' with-kconfig.txt",
     ])
-    sink = _LogSink(work / "probe.log", quiet=True)
+    sink = LogSink(work / "probe.log", quiet=True)
     try:
-        rc = _run_container(_docker_or_skip(), m["image"], work, script,
-                            {"LC_ALL": "C"}, sink, f"kvmlab-test-kmod-compat-{os.getpid()}", 300)
+        rc = run_in_container(_docker_or_skip(), m["image"], script, workdir=work,
+                              binds=build_binds(work), env={"LC_ALL": "C"}, sink=sink,
+                              name=f"kvmlab-test-kmod-compat-{os.getpid()}", timeout=300)
     finally:
         sink.close()
     log = (work / "probe.log").read_text()
@@ -213,7 +216,8 @@ def test_ctrl_c_removes_the_container_and_leaves_no_half_tree(tmp_path):
     client = _docker_or_skip()
     env = {**os.environ, "KVMLAB_HOME": str(REPO), "KVMLAB_STATE_DIR": str(tmp_path / "state"),
            "KVMLAB_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
-    code = ("from kvmlab.core.settings import load_settings\nfrom kvmlab import kmodbuild\n"
+    code = ("from kvmlab.core.settings import load_settings\n"
+            "from kvmlab.build import kmod as kmodbuild\n"
             f"kmodbuild.build_kmod(load_settings(), {RECIPE!r}, 'debian12', quiet=True)\n")
     p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)

@@ -68,5 +68,5 @@ def container_names(client, **filters) -> list[str]:
 
 def build_containers(client, name_part: str = "") -> list[str]:
     """Names of kvmlab build containers whose name contains name_part."""
-    from kvmlab.build.qemu import LABEL
+    from kvmlab.build.containers import LABEL
     return [n for n in container_names(client, label=LABEL) if name_part in n]

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from kvmlab.build import collect as C
+from kvmlab.build import containers
 from kvmlab.build import qemu as B
 from kvmlab.core.errors import BuildError
+from kvmlab.core.fsutil import json_sha256
 from kvmlab.core.proc import sigterm_as_interrupt
 from kvmlab.model.recipe import parse_recipe
 from support.fakeqemu import fake_recipe_toml, write_fake_qemu_tree
@@ -87,7 +90,7 @@ def _built_tree(tmp_path: Path) -> Path:
 def test_collect_writes_layout_and_manifest(tmp_path, recipe):
     bdir = _built_tree(tmp_path)
     out = tmp_path / "out" / "fake-qemu" / "debian12"
-    m = B._collect(recipe, "debian12", bdir, out, {"recipe": "fake-qemu", "build_dir": str(bdir)})
+    m = C.collect(recipe, "debian12", bdir, out, {"recipe": "fake-qemu", "build_dir": str(bdir)})
     assert sorted(p.name for p in (out / "bin").iterdir()) == \
         ["qemu-img", "qemu-io", "qemu-nbd", "qemu-system-x86_64"]
     assert (out / "pc-bios" / "bios.bin").is_file()
@@ -98,23 +101,26 @@ def test_collect_writes_layout_and_manifest(tmp_path, recipe):
     assert a["bin/qemu-system-x86_64"]["mode"] == "0755"
     assert a["pc-bios/bios.bin"]["kind"] == "firmware"
     assert a["pc-bios/vgabios-cirrus.bin"]["kind"] == "option_rom"
-    assert a["pc-bios/bios.bin"]["sha256"] == B.sha256_file(bdir / "pc-bios" / "bios.bin")
+    assert a["pc-bios/bios.bin"]["sha256"] == C.sha256_file(bdir / "pc-bios" / "bios.bin")
     assert [p.name for p in out.parent.iterdir()] == ["debian12"], "temp dirs left behind"
-    assert not B._outputs_intact(out, m), "no completed-build marker in the build tree"
+    assert not C.outputs_intact(out, m), "no completed-build marker in the build tree"
     m["inputs_sha256"] = "abc"
-    (bdir / B.DONE_FILE).write_text("abc\n")
-    assert B._outputs_intact(out, m)
+    (bdir / C.DONE_FILE).write_text("abc\n")   # the marker before the Stamp: not fresh
+    assert not C.outputs_intact(out, m)
+    C.completed_stamp(bdir).write({"x": 1})
+    m["inputs_sha256"] = json_sha256({"x": 1})
+    assert C.outputs_intact(out, m)
     (out / "bin" / "qemu-img").write_bytes(b"changed")
-    assert not B._outputs_intact(out, m)
+    assert not C.outputs_intact(out, m)
 
 
 def test_missing_binary_fails_and_keeps_previous_output(tmp_path, recipe):
     bdir = _built_tree(tmp_path)
     out = tmp_path / "out" / "fake-qemu" / "debian12"
-    B._collect(recipe, "debian12", bdir, out, {"n": 1})
+    C.collect(recipe, "debian12", bdir, out, {"n": 1})
     (bdir / "qemu-nbd").unlink()
     with pytest.raises(BuildError) as e:
-        B._collect(recipe, "debian12", bdir, out, {"n": 2})
+        C.collect(recipe, "debian12", bdir, out, {"n": 2})
     assert "qemu-nbd" in e.value.message
     assert json.loads((out / "manifest.json").read_text())["n"] == 1
     assert [p.name for p in out.parent.iterdir()] == ["debian12"]
@@ -125,7 +131,7 @@ def test_missing_binary_leaves_no_out_dir(tmp_path, recipe):
     (bdir / "qemu-img").unlink()
     out = tmp_path / "out" / "fake-qemu" / "debian12"
     with pytest.raises(BuildError):
-        B._collect(recipe, "debian12", bdir, out, {})
+        C.collect(recipe, "debian12", bdir, out, {})
     assert not out.exists() and list(out.parent.iterdir()) == []
 
 
@@ -133,7 +139,7 @@ def test_missing_option_rom_is_a_warning(tmp_path, recipe, capsys):
     bdir = _built_tree(tmp_path)
     (bdir / "pc-bios" / "pxe-rtl8139.bin").unlink()
     out = tmp_path / "out" / "x"
-    m = B._collect(recipe, "debian12", bdir, out, {})
+    m = C.collect(recipe, "debian12", bdir, out, {})
     assert "pc-bios/pxe-rtl8139.bin" not in [a["source"] for a in m["artifacts"]]
     assert "pxe-rtl8139.bin" in capsys.readouterr().err
 
@@ -147,14 +153,14 @@ def test_sigterm_becomes_keyboardinterrupt_only_inside():
 
 
 def test_log_sink_keeps_the_last_lines(tmp_path):
-    s = B._LogSink(tmp_path / "log", quiet=True)
+    s = containers.LogSink(tmp_path / "log", quiet=True)
     for i in range(100):
         s.write(f"line {i}\n" if i % 2 else f"line {i}")
         if i % 2 == 0:
             s.write("\n")
     s.write("partial")
     s.close()
-    assert list(s.tail)[-1] == "partial" and len(s.tail) == B.TAIL_LINES
+    assert list(s.tail)[-1] == "partial" and len(s.tail) == containers.TAIL_LINES
     assert (tmp_path / "log").read_text().count("\n") == 100
 
 

@@ -111,7 +111,7 @@ def test_insmod_orders_kvm_first(tmp_path, monkeypatch):
     (ko / "kvm-amd.ko").write_bytes(b"\x7fELF")
     (ko / "kvm.ko").write_bytes(b"\x7fELF")
     calls: list = []
-    from kvmlab.build import kmod as kmodbuild
+    from kvmlab.build import kmodules as kmodbuild
     info = {"vermagic": f"{REL} SMP preempt mod_unload modversions ", "depends": ""}
     monkeypatch.setattr(kmodbuild, "read_modinfo", lambda p: dict(info))
     kmod.load_modules("AuthenticAMD", [str(ko / "kvm-amd.ko"), str(ko / "kvm.ko")], root=root,
@@ -126,7 +126,7 @@ def test_insmod_refuses_other_vermagic_before_any_insmod(tmp_path, monkeypatch):
     ko.mkdir()
     for f in ("kvm.ko", "kvm-amd.ko"):
         (ko / f).write_bytes(b"\x7fELF")
-    from kvmlab.build import kmod as kmodbuild
+    from kvmlab.build import kmodules as kmodbuild
     monkeypatch.setattr(kmodbuild, "read_modinfo", lambda p: {
         "vermagic": "5.10.0-30-amd64 SMP mod_unload modversions ", "depends": ""})
     calls: list = []
@@ -185,7 +185,7 @@ def test_failed_insmod_removes_what_this_run_inserted(tmp_path, monkeypatch):
     ko.mkdir()
     for f in ("kvm.ko", "kvm-intel.ko"):
         (ko / f).write_bytes(b"\x7fELF")
-    from kvmlab.build import kmod as kmodbuild
+    from kvmlab.build import kmodules as kmodbuild
     monkeypatch.setattr(kmodbuild, "read_modinfo", lambda p: {
         "vermagic": f"{REL} SMP preempt mod_unload modversions ", "depends": ""})
     calls: list = []

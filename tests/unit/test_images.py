@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab.build import images
+from kvmlab.build import aptsources, images
 from kvmlab.core.errors import DockerError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ def test_deb822_sources_are_parsed_and_disabled_stanzas_skipped(tmp_path):
         "Types: deb\nURIs: http://off.example/debian\nSuites: bookworm\nComponents: main\n"
         "Enabled: no\n\n"
         "Types: deb-src\nURIs: http://src.example/debian\nSuites: bookworm\nComponents: main\n")})
-    srcs = images.host_apt_sources(root)
+    srcs = aptsources.host_apt_sources(root)
     assert [s.uri for s in srcs] == ["http://mirror.example/debian"]
     m = images.debian_mirror("bookworm", root)
     assert m.uri == "http://mirror.example/debian"

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from kvmlab.build import kmod as kmodbuild
+from kvmlab.build import kmodspec, kmodules
+from kvmlab.core import elf
 from kvmlab.core.errors import BuildError, HostError, RecipeError
 from kvmlab.model.recipe import load_recipe, parse_recipe
 from support.kmod import COMPAT_HEADER, PROBE_C, REPO, cc, gcc, macro_table, make_module_object
@@ -76,7 +78,7 @@ def test_compat_header_fills_in_only_what_is_missing(tmp_path):
 # the gcc flags, proven with the host's gcc (Debian gcc 12)
 
 def _item(name):
-    return next(i for i in kmodbuild.COMPAT if i.name == name)
+    return next(i for i in kmodspec.COMPAT if i.name == name)
 
 
 @needs_gcc
@@ -129,7 +131,7 @@ def test_compiler_gcc_shim_for_kernels_that_include_compiler_gccN(tmp_path):
              "GCC_VERSION": f"{major}.1.0", "HAS_IS_ENABLED": "yes", "GCC_DEFAULT_PIE": "no",
              "KERNEL_NO_PIE": "yes", "KERNEL_STD": "yes"}
     compat_dir = tmp_path / "compat"
-    plan = kmodbuild.compat_plan(facts, None, str(compat_dir))
+    plan = kmodspec.compat_plan(facts, None, str(compat_dir))
     assert plan.items == ("compiler-gcc-shim",)
     for rel, text in plan.files.items():
         (compat_dir / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -153,8 +155,8 @@ def _headers_tree(root: Path, *, is_enabled: bool, makefile: str) -> Path:
     return h
 
 
-def _spec(headers: Path) -> kmodbuild.KmodSpec:
-    return kmodbuild.KmodSpec(
+def _spec(headers: Path) -> kmodspec.KmodSpec:
+    return kmodspec.KmodSpec(
         source="image", source_path="/x.tar.xz", source_sha256="unknown", source_package="",
         package_version="", headers_package="kvmlab-no-such-package", headers=str(headers),
         kernel_release=REL, dirs=("arch/x86/kvm",), module_dir="arch/x86/kvm", compat="kmod",
@@ -168,16 +170,16 @@ def test_facts_script_detects_what_the_headers_have(tmp_path, old):
         "KBUILD_CFLAGS := -fno-PIE -std=gnu11\n"
     h = _headers_tree(tmp_path, is_enabled=not old, makefile=mk)
     facts_file = tmp_path / "facts.env"
-    p = subprocess.run(["sh", "-c", kmodbuild.facts_script(_spec(h), str(facts_file))],
+    p = subprocess.run(["sh", "-c", kmodspec.facts_script(_spec(h), str(facts_file))],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
-    f = kmodbuild.parse_facts(facts_file.read_text())
+    f = kmodspec.parse_facts(facts_file.read_text())
     assert f["UTS_RELEASE"] == REL
     assert f["HAS_IS_ENABLED"] == ("no" if old else "yes")
     assert f["KERNEL_NO_PIE"] == ("no" if old else "yes")
     assert f["KERNEL_STD"] == ("no" if old else "yes")
     assert f["GCC_VERSION"][0].isdigit()
-    plan = kmodbuild.compat_plan(f, REPO / "compat/kmod", "/b/kvmlab-compat")
+    plan = kmodspec.compat_plan(f, REPO / "compat/kmod", "/b/kvmlab-compat")
     if old:
         assert "is-enabled" in plan.items and "gnu89" in plan.items
         assert plan.kcflags[:2] == ("-include", "/b/kvmlab-compat/kvmlab-compat.h")
@@ -190,17 +192,17 @@ def test_plan_for_gcc44_and_2632_needs_only_is_enabled():
     facts = {"HAS_IS_ENABLED": "no", "GCC_VERSION": "4.4.7", "GCC_DEFAULT_PIE": "no",
              "KERNEL_NO_PIE": "no", "KERNEL_STD": "no", "COMPILER_GCC_SCHEME": "yes",
              "COMPILER_GCC_HEADERS": "compiler-gcc3.h compiler-gcc4.h"}
-    plan = kmodbuild.compat_plan(facts, REPO / "compat/kmod", "/c")
+    plan = kmodspec.compat_plan(facts, REPO / "compat/kmod", "/c")
     assert plan.items == ("is-enabled",)
     facts["GCC_VERSION"], facts["GCC_DEFAULT_PIE"] = "12.2.0", "yes"
-    plan = kmodbuild.compat_plan(facts, REPO / "compat/kmod", "/c")
+    plan = kmodspec.compat_plan(facts, REPO / "compat/kmod", "/c")
     assert plan.items == ("is-enabled", "no-pie", "gnu89", "compiler-gcc-shim")
     assert plan.files["include/linux/compiler-gcc12.h"].rstrip().endswith(
         "#include <linux/compiler-gcc4.h>")
 
 
 def test_compat_items_say_which_kernel_and_compiler_they_are_for():
-    for item in kmodbuild.COMPAT:
+    for item in kmodspec.COMPAT:
         assert "Linux" in item.why and ("gcc" in item.why or "IS_ENABLED" in item.why)
     head = COMPAT_HEADER.read_text().split("*/")[0]
     assert "For:" in head and "older than Linux 3.1" in head
@@ -240,12 +242,12 @@ def modules(tmp_path):
 
 
 def test_read_modinfo_from_the_elf_section(modules):
-    info = kmodbuild.read_modinfo(modules["kvm"])
+    info = elf.read_modinfo(modules["kvm"])
     assert info["vermagic"] == VERMAGIC
     assert info["srcversion"] == "0123456789ABCDEF0123456"
     assert info["depends"] == ""
     assert info["parm"] == ["halt_poll_ns:uint", "ignore_msrs:bool"]
-    assert kmodbuild.read_modinfo(modules["intel"])["depends"] == "kvm"
+    assert elf.read_modinfo(modules["intel"])["depends"] == "kvm"
 
 
 def test_read_modinfo_matches_the_modinfo_program(modules):
@@ -256,52 +258,52 @@ def test_read_modinfo_matches_the_modinfo_program(modules):
         out = subprocess.run([prog, "-F", "vermagic", str(p)], capture_output=True, text=True,
                              timeout=30)
         assert out.returncode == 0, out.stderr
-        assert out.stdout.strip() == kmodbuild.read_modinfo(p)["vermagic"].strip()
+        assert out.stdout.strip() == elf.read_modinfo(p)["vermagic"].strip()
 
 
 def test_read_modinfo_xz_and_errors(modules, tmp_path):
     xz = tmp_path / "kvm.ko.xz"
     xz.write_bytes(lzma.compress(modules["kvm"].read_bytes(), format=lzma.FORMAT_XZ))
-    assert kmodbuild.read_modinfo(xz)["vermagic"] == VERMAGIC
+    assert elf.read_modinfo(xz)["vermagic"] == VERMAGIC
     junk = tmp_path / "junk.ko"
     junk.write_text("not a module\n")
-    with pytest.raises(kmodbuild.ModinfoError, match="not an ELF"):
-        kmodbuild.read_modinfo(junk)
-    with pytest.raises(kmodbuild.ModinfoError, match="not found"):
-        kmodbuild.read_modinfo(tmp_path / "missing.ko")
+    with pytest.raises(elf.ModinfoError, match="not an ELF"):
+        elf.read_modinfo(junk)
+    with pytest.raises(elf.ModinfoError, match="not found"):
+        elf.read_modinfo(tmp_path / "missing.ko")
     plain = tmp_path / "plain.o"
     (tmp_path / "plain.c").write_text("int y;\n")
     assert cc(["-c", "plain.c", "-o", "plain.o"], tmp_path).returncode == 0
-    with pytest.raises(kmodbuild.ModinfoError, match="no .modinfo"):
-        kmodbuild.read_modinfo(plain)
+    with pytest.raises(elf.ModinfoError, match="no .modinfo"):
+        elf.read_modinfo(plain)
 
 
 def test_check_vermagic_refuses_another_kernel_before_insmod(modules):
-    assert kmodbuild.check_vermagic(modules["kvm"], REL)["vermagic"] == VERMAGIC
-    with pytest.raises(kmodbuild.VermagicMismatch) as e:
-        kmodbuild.check_vermagic(modules["intel"], "6.18.0-kvmlab")
+    assert kmodules.check_vermagic(modules["kvm"], REL)["vermagic"] == VERMAGIC
+    with pytest.raises(kmodules.VermagicMismatch) as e:
+        kmodules.check_vermagic(modules["intel"], "6.18.0-kvmlab")
     assert isinstance(e.value, HostError)
     assert REL in e.value.message and "6.18.0-kvmlab" in e.value.message
     assert VERMAGIC.strip() in e.value.message and "nothing was loaded" in e.value.message
 
 
 def test_load_order_puts_dependencies_first(modules):
-    order = kmodbuild.load_order([modules["amd"], modules["intel"], modules["kvm"]])
+    order = kmodules.load_order([modules["amd"], modules["intel"], modules["kvm"]])
     assert [p.name for p in order] == ["kvm.ko", "kvm-amd.ko", "kvm-intel.ko"]
-    assert [p.name for p in kmodbuild.load_order([modules["intel"]])] == ["kvm-intel.ko"]
+    assert [p.name for p in kmodules.load_order([modules["intel"]])] == ["kvm-intel.ko"]
 
 
 def test_modules_from_a_kmod_output_dir(modules, tmp_path):
     out = modules["kvm"].parent
-    arts = [{"path": p.name, "sha256": kmodbuild.sha256_file(p), "size": p.stat().st_size}
+    arts = [{"path": p.name, "sha256": kmodules.sha256_file(p), "size": p.stat().st_size}
             for p in (modules["intel"], modules["kvm"])]
     (out / "manifest.json").write_text(json.dumps({"kind": "kmod", "artifacts": arts}))
-    assert [p.name for p in kmodbuild.modules_from(out)] == ["kvm.ko", "kvm-intel.ko"]
+    assert [p.name for p in kmodules.modules_from(out)] == ["kvm.ko", "kvm-intel.ko"]
     modules["kvm"].write_bytes(modules["kvm"].read_bytes() + b"\0")
     with pytest.raises(HostError, match="differs from the sha256"):
-        kmodbuild.modules_from(out)
+        kmodules.modules_from(out)
     with pytest.raises(HostError, match="no manifest.json"):
-        kmodbuild.modules_from(tmp_path / "nowhere")
+        kmodules.modules_from(tmp_path / "nowhere")
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,16 +311,16 @@ def test_modules_from_a_kmod_output_dir(modules, tmp_path):
 
 def test_both_kmod_recipes_validate():
     r = load_recipe(REPO / "recipes", "kvm-kmod-6.1")
-    s = kmodbuild.kmod_spec(r)
+    s = kmodspec.kmod_spec(r)
     assert s.kernel_release == REL and s.headers.endswith(REL)
     assert r.builder("debian12").image == "debian12-kmod"
-    el6 = kmodbuild.kmod_spec(load_recipe(REPO / "recipes", "kvm-kmod-2.6.32-el6"))
+    el6 = kmodspec.kmod_spec(load_recipe(REPO / "recipes", "kvm-kmod-2.6.32-el6"))
     assert el6.source == "fetch" and el6.kernel_release == "2.6.32-754.el6.x86_64"
 
 
 def test_the_6_1_image_pins_what_the_recipe_says():
     r = load_recipe(REPO / "recipes", "kvm-kmod-6.1")
-    s = kmodbuild.kmod_spec(r)
+    s = kmodspec.kmod_spec(r)
     df = (REPO / "docker" / r.builder("debian12").image / "Dockerfile").read_text()
     assert f"ARG LINUX_VERSION={s.package_version}\n" in df
     assert f"ARG LINUX_ABI={REL.rsplit('-', 1)[0]}\n" in df
@@ -342,10 +344,10 @@ def test_kmod_table_errors_name_the_key(tmp_path):
     bad = tmp_path / "kvm-kmod-6.1.toml"
     bad.write_text(text.replace('module_dir = "arch/x86/kvm"', 'module_dir = "../etc"'))
     with pytest.raises(RecipeError, match="kmod.module_dir"):
-        kmodbuild.kmod_spec(parse_recipe(bad))
+        kmodspec.kmod_spec(parse_recipe(bad))
     bad.write_text(text.replace('kernel_release = "6.1.0-50-amd64"', 'kernel_relase = "x"'))
     with pytest.raises(RecipeError, match="unknown key 'kmod.kernel_relase'"):
-        kmodbuild.kmod_spec(parse_recipe(bad))
+        kmodspec.kmod_spec(parse_recipe(bad))
 
 
 def test_el6_recipe_stops_at_fetch_before_touching_docker(kvmlab_env, monkeypatch):
@@ -361,7 +363,7 @@ def test_el6_recipe_stops_at_fetch_before_touching_docker(kvmlab_env, monkeypatc
 
 
 def test_extract_lines_for_tarball_tree_and_srpm():
-    spec = kmodbuild.kmod_spec(load_recipe(REPO / "recipes", "kvm-kmod-2.6.32-el6"))
+    spec = kmodspec.kmod_spec(load_recipe(REPO / "recipes", "kvm-kmod-2.6.32-el6"))
     srpm = " ".join(kmodbuild._extract_lines(spec, 1, None))
     assert "rpm2cpio \"$S\" | cpio -i --quiet --to-stdout linux-2.6.32-754.el6.tar.bz2" in srpm
     assert "--strip-components=1 '*/arch/x86/kvm' '*/virt/kvm' -f .kvmlab-kernel.tar" in srpm

@@ -30,7 +30,7 @@ def _compile(tmp: Path, name: str, *flags: str, code: str = "") -> Path:
 
 
 def test_elf_needed_reads_dt_needed_in_order_even_when_stripped(tmp_path):
-    from kvmlab.build.qemu import elf_needed
+    from kvmlab.core.elf import elf_needed
     exe = _compile(tmp_path, "withz", "-lz")
     assert elf_needed(exe) == ["libz.so.1", "libc.so.6"]
     stripped = tmp_path / "stripped"
@@ -45,7 +45,7 @@ def test_elf_needed_reads_dt_needed_in_order_even_when_stripped(tmp_path):
 
 
 def test_elf_needed_of_a_static_binary_is_empty(tmp_path):
-    from kvmlab.build.qemu import elf_needed
+    from kvmlab.core.elf import elf_needed
     exe = _compile(tmp_path, "static", "-static", code="int main(void){return 0;}\n")
     assert elf_needed(exe) == []
 
@@ -54,9 +54,10 @@ def test_native_deps_script_names_the_owning_packages(tmp_path):
     """The script the builder runs, run here on the host (what --builder native does)."""
     if not Path("/usr/bin/dpkg").exists():
         pytest.skip("not a dpkg host")
-    from kvmlab.build.qemu import _deps_native, elf_needed, runtime_deps
+    from kvmlab.build.deps import deps_native, runtime_deps
+    from kvmlab.core.elf import elf_needed
     exe = _compile(tmp_path, "withz", "-lz")
-    deps = runtime_deps([("bin/withz", elf_needed(exe))], _deps_native([str(exe)], 60))
+    deps = runtime_deps([("bin/withz", elf_needed(exe))], deps_native([str(exe)], 60))
     by = {d["soname"]: d for d in deps}
     assert set(by) == {"libz.so.1", "libc.so.6"}
     assert by["libz.so.1"]["builder_package"] == "zlib1g:amd64"
@@ -83,7 +84,7 @@ glibc: /lib64/libc.so.6
 
 
 def test_rpm_builder_output_has_no_debian_package():
-    from kvmlab.build.qemu import runtime_deps
+    from kvmlab.build.deps import runtime_deps
     deps = runtime_deps([("bin/qemu-kvm", ["libz.so.1", "libgfapi.so.0", "libc.so.6"])],
                         RPM_OUTPUT)
     by = {d["soname"]: d for d in deps}
@@ -94,7 +95,7 @@ def test_rpm_builder_output_has_no_debian_package():
 
 
 def test_dpkg_owner_found_through_the_merged_usr_alias():
-    from kvmlab.build.qemu import runtime_deps
+    from kvmlab.build.deps import runtime_deps
     out = ("@@ldd /b/q\n\tlibpcre2-8.so.0 => /lib/x86_64-linux-gnu/libpcre2-8.so.0 (0x1)\n"
            "@@real\n/lib/x86_64-linux-gnu/libpcre2-8.so.0 "
            "/usr/lib/x86_64-linux-gnu/libpcre2-8.so.0.11.2\n@@owners dpkg\n"

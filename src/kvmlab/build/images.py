@@ -16,7 +16,6 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,16 +24,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvmlab.core import ui
-from kvmlab.core.errors import DockerError
+from kvmlab.build.aptsources import (
+    DEBIAN_SUITE,
+    AptSource,
+    debian_mirror,
+)
+from kvmlab.core import proc, ui
+from kvmlab.core.errors import DockerError, KvmlabError
 from kvmlab.core.fsutil import json_sha256
 from kvmlab.core.settings import Settings
+from kvmlab.model.recipe import Recipe
 
-IMAGE_BUILDERS = ("debian12", "centos6", "debian12-kmod", "debian12-el6", "centos6-el6")  # debian12-kmod: kvmlab.build.kmod
+# debian12-kmod: kvmlab.build.kmod
+IMAGE_BUILDERS = ("debian12", "centos6", "debian12-kmod", "debian12-el6", "centos6-el6")
 BASE_REPO = "kvmlab/base-{name}"
 IMAGE_REPO = "kvmlab/{builder}"
 LABEL_INPUTS = "io.kvmlab.inputs"
-DEBIAN_SUITE = "bookworm"
 DEBOOTSTRAP_TIMEOUT = 1800
 # Bump when the way the base is made changes (forces a new tag).
 BASE_RECIPE_VERSION = 1
@@ -73,14 +78,16 @@ def _start_hint(url: str) -> str:
 def docker_client(timeout: int = 120) -> Any:
     """A pinged docker.DockerClient, or DockerError saying how to start/reach the daemon."""
     try:
-        import docker
+        # the module, not the package: mypy would take the project's docker/ directory
+        # (the builders' Dockerfiles) for a namespace package named docker
+        from docker.client import from_env
         from docker.errors import DockerException
     except ImportError:  # pragma: no cover - dependency of the package
         raise DockerError("the docker Python SDK is not installed",
                           hint="pip install 'docker>=7.1'") from None
     url = docker_url()
     try:
-        client = docker.from_env(timeout=timeout)
+        client = from_env(timeout=timeout)
         client.ping()
         return client
     except DockerException as e:
@@ -106,100 +113,6 @@ def find_image(client: Any, ref: str) -> Any | None:
 
 
 # --------------------------------------------------------------------------------------------
-# apt mirror of the host
-
-@dataclass(frozen=True)
-class AptSource:
-    uri: str
-    suites: tuple[str, ...]
-    components: tuple[str, ...]
-    signed_by: str = ""
-    origin: str = ""
-
-
-def _parse_one_line(line: str, origin: str) -> AptSource | None:
-    line = line.split("#", 1)[0].strip()
-    if not line:
-        return None
-    opts = ""
-    m = re.match(r"^(deb)\s+(\[[^\]]*\]\s+)?(\S+)\s+(\S+)\s*(.*)$", line)
-    if not m:
-        return None
-    opts = (m.group(2) or "").strip("[] \t")
-    signed = ""
-    for o in opts.split():
-        if o.startswith("signed-by="):
-            signed = o.split("=", 1)[1]
-    return AptSource(uri=m.group(3), suites=(m.group(4),), components=tuple(m.group(5).split()),
-                     signed_by=signed, origin=origin)
-
-
-def _parse_deb822(text: str, origin: str) -> list[AptSource]:
-    out: list[AptSource] = []
-    for stanza in re.split(r"\n\s*\n", text):
-        fields: dict[str, str] = {}
-        key = None
-        for raw in stanza.splitlines():
-            if raw.startswith("#") or not raw.strip():
-                continue
-            if raw[0] in " \t" and key:
-                fields[key] += "\n" + raw.strip()
-                continue
-            if ":" in raw:
-                key, val = raw.split(":", 1)
-                key = key.strip().lower()
-                fields[key] = val.strip()
-        if not fields:
-            continue
-        if "deb" not in fields.get("types", "").split():
-            continue
-        if fields.get("enabled", "yes").strip().lower() == "no":
-            continue
-        signed = fields.get("signed-by", "")
-        if "\n" in signed:  # inline key block: not a path
-            signed = ""
-        for uri in fields.get("uris", "").split():
-            out.append(AptSource(uri=uri, suites=tuple(fields.get("suites", "").split()),
-                                 components=tuple(fields.get("components", "").split()),
-                                 signed_by=signed, origin=origin))
-    return out
-
-
-def host_apt_sources(root: Path = Path("/etc/apt")) -> list[AptSource]:
-    """Every enabled `deb` source of the host: sources.list, sources.list.d/*.list and *.sources."""
-    out: list[AptSource] = []
-    files: list[Path] = []
-    if (root / "sources.list").is_file():
-        files.append(root / "sources.list")
-    d = root / "sources.list.d"
-    if d.is_dir():
-        files += sorted(p for p in d.iterdir() if p.suffix in (".list", ".sources"))
-    for f in files:
-        try:
-            text = f.read_text(errors="replace")
-        except OSError:
-            continue
-        if f.suffix == ".sources":
-            out += _parse_deb822(text, str(f))
-        else:
-            out += [s for s in (_parse_one_line(ln, str(f)) for ln in text.splitlines()) if s]
-    return out
-
-
-def debian_mirror(suite: str = DEBIAN_SUITE, root: Path = Path("/etc/apt")) -> AptSource:
-    """The host's mirror carrying `suite` main (KVMLAB_DEBIAN_MIRROR overrides it)."""
-    env = os.environ.get("KVMLAB_DEBIAN_MIRROR", "").strip()
-    if env:
-        return AptSource(uri=env, suites=(suite,), components=("main",), origin="KVMLAB_DEBIAN_MIRROR")
-    for s in host_apt_sources(root):
-        if suite in s.suites and "main" in s.components and s.uri.startswith(("http://", "https://",
-                                                                                "file:/")):
-            return s
-    raise DockerError(f"no apt source for Debian {suite} main found in {root}/sources.list(.d)",
-                      hint="set KVMLAB_DEBIAN_MIRROR=http://<your debian mirror>/debian")
-
-
-# --------------------------------------------------------------------------------------------
 # hashing
 
 _sha = json_sha256
@@ -220,9 +133,9 @@ def dir_hash(path: Path) -> str:
 
 def _arch() -> str:
     try:
-        return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+        return str(proc.run(["dpkg", "--print-architecture"], timeout=10,
+                            check=True).stdout).strip()
+    except KvmlabError:
         return {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
 
 
@@ -312,7 +225,10 @@ def safe_rmtree(path: Path) -> None:
     if not path.exists():
         return
     for mp in sorted(_mounts_under(path), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mp], capture_output=True, timeout=60)
+        try:
+            proc.run(["umount", "-l", mp], timeout=60)
+        except KvmlabError:
+            pass  # still mounted: reported below
     left = _mounts_under(path)
     if left:
         raise DockerError(f"cannot remove {path}: still mounted: {', '.join(left)}",
@@ -326,12 +242,10 @@ def _run_logged(cmd: list[str], log: Path, timeout: float, what: str) -> None:
         lf.write(("$ " + " ".join(cmd) + "\n").encode())
         lf.flush()
         try:
-            p = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT, timeout=timeout)
-        except FileNotFoundError:
-            raise DockerError(f"{cmd[0]} is not installed",
-                              hint=f"apt-get install {cmd[0]}") from None
-        except subprocess.TimeoutExpired:
-            raise DockerError(f"{what} timed out after {timeout:.0f} s", hint=f"see {log}") from None
+            p = proc.run(cmd, stdout=lf, stderr=proc.STDOUT, timeout=timeout)
+        except proc.CommandTimeout:
+            raise DockerError(f"{what} timed out after {timeout:.0f} s",
+                              hint=f"see {log}") from None
     if p.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-20:]
         for ln in tail:
@@ -340,8 +254,8 @@ def _run_logged(cmd: list[str], log: Path, timeout: float, what: str) -> None:
 
 
 def _tar_stream(root: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
-    p = subprocess.Popen(["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf", "-", "."],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = proc.spawn(["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf", "-", "."],
+                   stdout=proc.PIPE, stderr=proc.PIPE)
     try:
         assert p.stdout is not None
         while True:
@@ -354,9 +268,7 @@ def _tar_stream(root: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
             err = p.stderr.read().decode(errors="replace") if p.stderr else ""
             raise DockerError(f"tar of the base image failed (exit {rc}): {err.strip()[:300]}")
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        proc.kill_group(p)
 
 
 def ensure_base_image(settings: Settings, name: str = "debian12", *, force: bool = False,
@@ -384,8 +296,7 @@ def ensure_base_image(settings: Settings, name: str = "debian12", *, force: bool
     ui.info(f"making base image {ref}: debootstrap {DEBIAN_SUITE} from {mirror.uri} "
             f"(log: {log})")
     t0 = time.monotonic()
-    from kvmlab.core.proc import sigterm_as_interrupt
-    with sigterm_as_interrupt():
+    with proc.sigterm_as_interrupt():
         img = _debootstrap_and_import(client, inputs, mirror, repo, tag, log)
     ui.info(f"[green]built[/green] {ref} ({img.id[:19]}) in {time.monotonic() - t0:.0f} s")
     return ImageInfo(repo, tag, img.id, False)
@@ -519,9 +430,9 @@ def ensure_image(settings: Settings, builder: str, *, force: bool = False,
     log = settings.work_dir / f"image-{builder}.log"
     ui.info(f"building image {ref} from {ctx} (base {base_name}; log: {log})")
     t0 = time.monotonic()
-    echo = (lambda ln: None) if quiet else (lambda ln: print(ln, flush=True) if ln.strip() else None)
-    from kvmlab.core.proc import sigterm_as_interrupt
-    with sigterm_as_interrupt():
+    echo = (lambda ln: None) if quiet else \
+        (lambda ln: print(ln, flush=True) if ln.strip() else None)
+    with proc.sigterm_as_interrupt():
         _stream_build(client, ctx, ref, {"BASE": base_name}, log, nocache=force, echo=echo)
     img = find_image(client, ref)
     if img is None:
@@ -536,3 +447,26 @@ def existing_image(settings: Settings, builder: str, client: Any) -> ImageInfo |
     repo, tag = image_ref(settings, builder, client)
     img = find_image(client, f"{repo}:{tag}")
     return ImageInfo(repo, tag, img.id, True) if img is not None else None
+
+
+def recipe_image(settings: Settings, recipe: Recipe, builder: str, *, offline: bool = False,
+                 client: Any | None = None, quiet: bool = False) -> ImageInfo:
+    """The image a recipe builds in with builder (builders.<b>.image, e.g. debian12-kmod, else
+    docker/<builder>): made when missing, or DockerError when missing and offline."""
+    name = recipe.builder(builder).image or builder
+    client = client or docker_client()
+    if offline:
+        try:
+            info = existing_image(settings, name, client)
+        except DockerError:
+            info = None
+        if info is None:
+            try:
+                ref = ":".join(image_ref(settings, name, client))
+            except DockerError:
+                ref = repr(name)
+            raise DockerError(f"builder image {ref} is missing (and --offline builds no "
+                              "images)", hint=f"run `invoke images --builder {name}` (needs the "
+                                              "apt mirror), then build again")
+        return info
+    return ensure_image(settings, name, client=client, quiet=quiet)

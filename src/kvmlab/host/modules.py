@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvmlab.build import kmodules as kmodbuild
 from kvmlab.core import proc
 from kvmlab.core.errors import HostError, KvmlabError
 
@@ -365,9 +366,6 @@ def load_modules(vendor: str, ko: list[str] | None = None, *, root: Path | str =
         missing = [p for p in ko if not Path(p).is_file()]
         if missing:
             raise HostError(f"module file not found: {', '.join(missing)}")
-        # lazily, and only for --ko: the host room must import with the standard library alone
-        # (`python3 -m kvmlab.host.doctor` on bare hosts); kvmlab.build.kmod pulls in rich
-        from kvmlab.build import kmod as kmodbuild
         ordered = [str(p) for p in kmodbuild.load_order(_order_ko(ko))]
         release = kernel_release()
         for path in ordered:  # every module is checked before the first insmod

@@ -25,7 +25,7 @@ from invoke.exceptions import ParseError
 from kvmlab.boot import guest as guest_mod
 from kvmlab.boot import image as image_mod
 from kvmlab.boot.vm import probe_qemu
-from kvmlab.build.kmod import read_modinfo
+from kvmlab.core.elf import read_modinfo
 from kvmlab.core.errors import KvmlabError
 from kvmlab.host import exits
 from kvmlab.lab import steps as lab_steps

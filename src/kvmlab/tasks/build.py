@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from invoke import Context
 
+from kvmlab.build import images as images_mod
+from kvmlab.build import qemu as build_mod
 from kvmlab.core import ui
 from kvmlab.core.errors import ConfigError, DockerError
 
 from ._common import run_step_checks, settings, task
 
 
-@task(help={"builder": "an image under docker/ (debian12, centos6, ...), or all (default: the configured builder)",
+@task(help={"builder": "an image under docker/ (debian12, centos6, ...), or all "
+                       "(default: the configured builder)",
             "force": "rebuild the image(s) even if their inputs are unchanged"})
 def images(ctx: Context, builder: str = "", force: bool = False) -> None:
     """Build the builder images (tagged by input hash; no-op when unchanged).
@@ -17,13 +20,13 @@ def images(ctx: Context, builder: str = "", force: bool = False) -> None:
     debian12: a local debootstrap base from the host's apt mirror, no registry needed.
     centos6: needs a local centos:6 image (`docker load -i centos6.tar`); never pulled.
     """
-    from kvmlab.build import images as images_mod
     s = settings(ctx)
     names = images_mod.IMAGE_BUILDERS if builder == "all" else (builder or s.builder,)
     for name in names:
         if not (s.docker_dir / name / "Dockerfile").is_file():
             known = sorted(p.parent.name for p in s.docker_dir.glob("*/Dockerfile"))
-            raise ConfigError(f"unknown image builder {name!r} (no {s.docker_dir / name}/Dockerfile)",
+            raise ConfigError(f"unknown image builder {name!r} "
+                              f"(no {s.docker_dir / name}/Dockerfile)",
                               hint="choose from: " + ", ".join(known))
     client = images_mod.docker_client()
     rows = []
@@ -54,7 +57,6 @@ def build(ctx: Context, recipe: str = "", builder: str = "", jobs: int = 2, forc
 
     Artifacts and manifest.json go to out/<recipe>/<builder>/; unchanged inputs are a no-op.
     """
-    from kvmlab.build import qemu as build_mod
     s = settings(ctx, recipe=recipe, builder=builder)
     res = build_mod.build(s, s.recipe, s.builder, jobs=jobs, force=force,
                           source=source or None, offline=offline)
@@ -77,7 +79,6 @@ def clean(ctx: Context, recipe: str = "", builder: str = "", all: bool = False) 
 
     The download cache and the ccache volume are kept (--all also removes work/<recipe>).
     """
-    from kvmlab.build import qemu as build_mod
     s = settings(ctx, recipe=recipe, builder=builder)
     removed = build_mod.clean(s, s.recipe, s.builder, all_work=all)
     if not removed:

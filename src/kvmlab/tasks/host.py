@@ -5,7 +5,7 @@ import json
 
 from invoke import Context
 
-from kvmlab.build.kmod import modules_from
+from kvmlab.build.kmodules import modules_from
 from kvmlab.core import ui
 from kvmlab.core.errors import HostError
 from kvmlab.host import doctor as host
