@@ -68,14 +68,18 @@ class Running:
         try:
             self.monitor.connect(deadline, self.alive)
         except (VMError, OSError, ValueError) as e:
-            self.kill()
-            said = stderr_lines(self.stderr)
-            msg = e.message if isinstance(e, VMError) else str(e)
-            rc = self.proc.returncode
-            raise VMError(f"qemu did not start: {msg}"
-                          + (f" (exit status {rc})" if rc is not None else ""),
-                          hint=("qemu said: " + " | ".join(said[-4:])) if said else
-                          "run the command shown by --dry-run by hand") from None
+            raise self.did_not_start(e) from None
+
+    def did_not_start(self, e: Exception) -> VMError:
+        """Kill qemu; the VMError for "its monitor never answered" with what qemu printed."""
+        self.kill()
+        said = stderr_lines(self.stderr)
+        msg = e.message if isinstance(e, VMError) else str(e)
+        rc = self.proc.returncode
+        return VMError(f"qemu did not start: {msg}"
+                       + (f" (exit status {rc})" if rc is not None else ""),
+                       hint=("qemu said: " + " | ".join(said[-4:])) if said else
+                       "run the command shown by --dry-run by hand")
 
     def wait(self, timeout: float) -> bool:
         """True when qemu exited by itself within ``timeout`` seconds."""

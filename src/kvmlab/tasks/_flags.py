@@ -193,7 +193,7 @@ def program(check: Callable[[str], None] | None = None, example: str = "PATH") -
 
 
 def _check_qemu(path: str) -> None:
-    from kvmlab.boot.vm import probe_qemu
+    from kvmlab.qemu.binary import probe_qemu
     probe_qemu(path)
 
 
@@ -230,12 +230,12 @@ def _content(check: Callable[[Path], None], metavar: str, what: str, example: st
 
 
 def _check_kernel(p: Path) -> None:
-    from kvmlab.boot.guest import check_kernel
+    from kvmlab.boot.kernel import check_kernel
     check_kernel(p)
 
 
 def _check_iso(p: Path) -> None:
-    from kvmlab.boot.guest import check_iso
+    from kvmlab.boot.iso import check_iso
     check_iso(p)
 
 
