@@ -19,7 +19,7 @@ from kvmlab.core import proc
 from kvmlab.core.errors import ImageError, KvmlabError
 from kvmlab.core.settings import Settings
 from kvmlab.install.txn import installed_qemu
-from kvmlab.qemu.binary import distro_qemu_img
+from kvmlab.qemu.binary import path_or_distro
 
 FORMATS = ("qcow2", "raw")
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -96,12 +96,9 @@ def find_qemu_img(settings: Settings | None = None, qemu_img: str | Path | None 
     for c in candidates:
         if c.is_file() and os.access(c, os.X_OK):
             return c
-    found = shutil.which("qemu-img")
-    if found:
-        return Path(found)
-    distro = distro_qemu_img()
-    if distro:
-        return distro
+    on_host = path_or_distro("qemu-img")
+    if on_host:
+        return on_host
     raise ImageError("qemu-img not found (no installed build, not on PATH, no qemu-utils)",
                      hint="run `invoke install`, install Debian's qemu-utils, or pass --qemu-img")
 

@@ -290,17 +290,20 @@ def distro_qemu_img() -> Path | None:
     return distro_binary("qemu-img")
 
 
+def path_or_distro(name: str) -> Path | None:
+    """``name`` on PATH, else the distribution's package's file (when PATH has none)."""
+    found = shutil.which(name)
+    return Path(found) if found else distro_binary(name)
+
+
 def default_qemu(installed: str | Path | None = None) -> Path:
     """``installed`` (the build kvmlab installed, when the caller knows one) > qemu on PATH >
     the distribution's package (when PATH has none)."""
     if installed and Path(installed).exists():
         return Path(installed)
-    found = shutil.which("qemu-system-x86_64")
+    found = path_or_distro("qemu-system-x86_64")
     if found:
-        return Path(found)
-    distro = distro_qemu()
-    if distro:
-        return distro
+        return found
     raise VMError("no qemu-system-x86_64: none installed by kvmlab, none on PATH, no "
                   "qemu-system-x86 package",
                   hint="run `invoke install`, apt-get install qemu-system-x86, or pass --qemu")
