@@ -33,9 +33,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from kvmlab import vm  # noqa: E402
 from kvmlab.boot import guest as guest_mod  # noqa: E402
+from kvmlab.boot import vm  # noqa: E402
+from kvmlab.boot.marker import marker_for  # noqa: E402
 from kvmlab.core.settings import load_settings  # noqa: E402
+from kvmlab.qemu import binary as qemu_bin  # noqa: E402
 
 
 def find_qemus(extra: list[str]) -> list[Path]:
@@ -43,7 +45,7 @@ def find_qemus(extra: list[str]) -> list[Path]:
     which after `invoke lab` is the 0.12 build) and one qemu-kvm 0.12 build."""
     found: list[Path] = [Path(p) for p in extra]
     if not extra:
-        sys_q = vm.distro_qemu()
+        sys_q = qemu_bin.distro_qemu()
         if sys_q:
             found.append(sys_q)
         else:
@@ -62,11 +64,11 @@ def find_qemus(extra: list[str]) -> list[Path]:
             pass
         for c in filter(None, cands):
             try:
-                qb = vm.probe_qemu(c)
+                qb = qemu_bin.probe_qemu(c)
             except Exception:  # noqa: BLE001 - fakes and half builds are not qemu
                 continue
             if qb.version_tuple < (1, 0, 0) and not any(
-                    vm.probe_qemu(f).version_tuple < (1, 0, 0) for f in found):
+                    qemu_bin.probe_qemu(f).version_tuple < (1, 0, 0) for f in found):
                 found.append(Path(c))
     return found
 
@@ -132,7 +134,7 @@ def overhead(s, qemu: Path, guest: str, n: int) -> dict:
 
 def linux_variants(s, qemu: Path, n: int) -> list[tuple[str, float, float]]:
     """(variant, launch->marker, guest uptime at marker) for kernel format / cmdline variants."""
-    qb = vm.probe_qemu(qemu)
+    qb = qemu_bin.probe_qemu(qemu)
     g = guest_mod.make_linux(s)
     r = vm.boot_test(s, qemu=qemu, accel="tcg", guest="linux", kernel_format="bzimage",
                      dry_run=True)
@@ -151,7 +153,7 @@ def linux_variants(s, qemu: Path, n: int) -> list[tuple[str, float, float]]:
         variants += [("vmlinux, gz initrd, bare cmdline", g.vmlinux, gz, bare),
                      ("vmlinux, cpio initrd, tool cmdline", g.vmlinux, g.initrd, tool)]
     nonce = re.search(r"kvmlab.nonce=(\w+)", base[j + 1]).group(1)  # type: ignore[union-attr]
-    marker = guest_mod.marker_for(nonce)
+    marker = marker_for(nonce)
     serial = Path(r.serial_log)
     out = []
     k = base.index("-initrd")
@@ -203,7 +205,7 @@ def main() -> None:
         print(f"{'qemu':<28} {'guest':<6} {'tool s':>8} {'hand s':>8} {'ratio':>6} "
               f"{'marker(tool)':>13} {'marker(hand)':>13} {'uptime':>7}")
         for q in qemus:
-            qb = vm.probe_qemu(q)
+            qb = qemu_bin.probe_qemu(q)
             for g, n in (("tiny", a.repeat), ("linux", a.linux_repeat)):
                 if g == "linux" and a.no_linux:
                     continue
@@ -223,7 +225,7 @@ def main() -> None:
         print("\n== linux guest: where the time goes (by hand, TCG, median) ==")
         print("before kernel = launch->marker - guest uptime: firmware, fw_cfg load, decompression")
         for q in qemus:
-            qb = vm.probe_qemu(q)
+            qb = qemu_bin.probe_qemu(q)
             for name, m, up in linux_variants(s, q, a.linux_repeat):
                 print(f"{qb.version[:28]:<28} {name:<36} marker {m:6.2f} s  uptime {up:6.2f} s  "
                       f"before kernel {m - up:6.2f} s", flush=True)

@@ -48,7 +48,7 @@ def cli():
 @pytest.fixture(scope="session")
 def distro_qemu() -> Path:
     """Debian's qemu-system-x86_64 (dpkg says which file), whatever /usr/local/bin holds."""
-    from kvmlab.boot.vm import distro_qemu as find
+    from kvmlab.qemu.binary import distro_qemu as find
     q = find()
     if q is None:
         pytest.skip("qemu-system-x86 is not installed (apt-get install qemu-system-x86; "
@@ -59,7 +59,7 @@ def distro_qemu() -> Path:
 @pytest.fixture(scope="session")
 def distro_qemu_img() -> Path:
     """Debian's qemu-img (package qemu-utils)."""
-    from kvmlab.boot.vm import distro_qemu_img as find
+    from kvmlab.qemu.binary import distro_qemu_img as find
     q = find()
     if q is None:
         pytest.skip("qemu-utils is not installed (apt-get install qemu-utils; .ci/setup does)")

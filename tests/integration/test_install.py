@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from kvmlab.boot.vm import distro_qemu as _distro_qemu
 from kvmlab.core.fsutil import sha256_file
 from kvmlab.install import preflight, txn
+from kvmlab.qemu.binary import distro_qemu as _distro_qemu
 from support.install import make_fake_build, make_home, tree_state
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this host")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kvmlab.boot.vm import distro_qemu
+from kvmlab.qemu.binary import distro_qemu
 from support.fakeqemu import make_fake_home, make_fake_qemu_tarball
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]

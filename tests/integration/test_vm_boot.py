@@ -21,12 +21,15 @@ from pathlib import Path
 import pytest
 
 from kvmlab.boot import guest as guest_mod
+from kvmlab.boot import iso as iso_mod
+from kvmlab.boot import kernel as kernel_mod
 from kvmlab.boot import vm
 from kvmlab.core.errors import VMError
+from kvmlab.qemu import binary
 
-_DISTRO_QEMU = vm.distro_qemu()
+_DISTRO_QEMU = binary.distro_qemu()
 QEMU = str(_DISTRO_QEMU) if _DISTRO_QEMU else None
-QEMU_IMG = vm.distro_qemu_img()
+QEMU_IMG = binary.distro_qemu_img()
 pytestmark = [pytest.mark.qemu,
               pytest.mark.skipif(QEMU is None or QEMU_IMG is None,
                                  reason="Debian's qemu-system-x86 / qemu-utils not installed "
@@ -80,7 +83,7 @@ def test_linux_guest_boots_under_tcg_and_reports_facts(kvmlab_env):
     assert_booted(r)
     assert r.facts["hypervisor"] in ("yes", "no")
     assert r.facts["cpus"] == "1" and int(r.facts["mem_kb"]) > 100_000
-    assert r.facts["kernel"] in guest_mod.find_kernel().name
+    assert r.facts["kernel"] in kernel_mod.find_kernel().name
     assert r.facts["clocksource"] != "kvm-clock", "TCG guest cannot have kvm-clock"
     assert r.disk and r.disk_format == "qcow2" and r.disk_size == 1 << 30
 
@@ -93,7 +96,7 @@ def test_iso_guest_boots_from_cdrom(kvmlab_env):
     assert any("media=cdrom" in a for a in r.command)
     # the same ISO as a user's installer ISO: passes by the boot-loader check, not the marker
     iso = guest_mod.make_iso(kvmlab_env).iso
-    et = vm.read_el_torito(iso)
+    et = iso_mod.read_el_torito(iso)
     assert et.load_address == 0x7C00
     u = vm.boot_test(kvmlab_env, qemu=QEMU, accel="tcg", iso=iso, timeout=60)
     assert u.booted and u.guest == "user-iso", u.failure

@@ -1,7 +1,7 @@
 """The qemu binaries tests use, found explicitly (never PATH's first hit, never /usr/local).
 
-- the distribution's qemu: what the Debian packages installed (``kvmlab.boot.vm.distro_qemu`` asks
-  dpkg), so a qemu-kvm 0.12 that `invoke lab` put into /usr/local/bin does not stand in for it;
+- the distribution's qemu: what the Debian packages installed (``kvmlab.qemu.binary.distro_qemu``
+  asks dpkg), so a qemu-kvm 0.12 that `invoke lab` put into /usr/local/bin does not stand in for it;
 - a qemu-kvm 0.12 build: ``$KVMLAB_TEST_QEMU_012`` when set, else built by kvmlab itself
   (``invoke build`` in the debian12 builder) from the real upstream release tarball into a
   temporary state directory. The tarball is ``$KVMLAB_TEST_QEMU_012_TARBALL`` or
@@ -41,8 +41,8 @@ def find_tarball() -> Path | None:
 
 
 def _is_012(qemu: Path) -> bool:
-    from kvmlab.boot import vm
-    return vm.probe_qemu(qemu).version_tuple < (1, 0, 0)
+    from kvmlab.qemu.binary import probe_qemu
+    return probe_qemu(qemu).version_tuple < (1, 0, 0)
 
 
 def from_env() -> Qemu012 | None:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab.boot import image, vm
+from kvmlab.boot import image
+from kvmlab.qemu import binary
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/dpkg-query"),
                                 reason="not a dpkg-based host")
@@ -20,19 +21,19 @@ def test_distro_binary_is_the_packaged_file_not_paths_first_hit(tmp_path, monkey
     (shadow / "ls").chmod(0o755)
     monkeypatch.setenv("PATH", f"{shadow}:{os.environ['PATH']}")
     assert shutil.which("ls") == str(shadow / "ls")
-    ls = vm.distro_binary("ls", ("coreutils",))
+    ls = binary.distro_binary("ls", ("coreutils",))
     assert ls is not None and ls != shadow / "ls" and ls.name == "ls"
     assert ls.parent.name == "bin" and os.access(ls, os.X_OK)
 
 
 def test_distro_binary_none_for_missing_package_or_file():
-    assert vm.distro_binary("ls", ("kvmlab-no-such-package",)) is None
-    assert vm.distro_binary("kvmlab-no-such-file", ("coreutils",)) is None
-    assert vm.distro_binary("kvmlab-unknown") is None  # no package known for it
+    assert binary.distro_binary("ls", ("kvmlab-no-such-package",)) is None
+    assert binary.distro_binary("kvmlab-no-such-file", ("coreutils",)) is None
+    assert binary.distro_binary("kvmlab-unknown") is None  # no package known for it
 
 
 def test_distro_qemu_is_owned_by_qemu_system_x86():
-    q = vm.distro_qemu()
+    q = binary.distro_qemu()
     if q is None:
         pytest.skip("qemu-system-x86 is not installed")
     assert q.name == "qemu-system-x86_64" and not str(q).startswith("/usr/local")

@@ -9,23 +9,24 @@ from pathlib import Path
 
 import pytest
 
-from kvmlab.boot import guest, image, vm
+from kvmlab.boot import bootsector, guest, image, iso, kernel, marker, vm
 from kvmlab.core.errors import ImageError, VMError
+from kvmlab.qemu import binary
 
 
 def test_boot_sector_shape():
-    s = guest.boot_sector()
+    s = bootsector.boot_sector()
     assert len(s) == 512
     assert s[510:] == b"\x55\xAA"
     code_end = s.rindex(b"Shutdown\x00") + 9
     assert code_end <= 446, "code must leave the partition table free"
-    assert s.count(b"nonce=" + guest.NONCE_PLACEHOLDER) == 1
-    assert b"\r\n" + guest.MARKER.encode() + b" nonce=" in s
+    assert s.count(b"nonce=" + marker.NONCE_PLACEHOLDER) == 1
+    assert b"\r\n" + marker.MARKER.encode() + b" nonce=" in s
 
 
 def test_boot_sector_listing_matches_bytes():
-    s = guest.boot_sector()
-    for line in guest.boot_sector_listing().splitlines():
+    s = bootsector.boot_sector()
+    for line in bootsector.boot_sector_listing().splitlines():
         addr, hexbytes = line[:4], line[6:26].strip()
         off = int(addr, 16) - 0x7C00
         b = bytes.fromhex(hexbytes.replace(" ", "")) if len(hexbytes) < 20 else None
@@ -36,8 +37,9 @@ def test_boot_sector_listing_matches_bytes():
 @pytest.mark.skipif(not shutil.which("objdump"), reason="objdump (binutils) not installed")
 def test_boot_sector_disassembles_to_the_documented_program(tmp_path):
     p = tmp_path / "bs.bin"
-    p.write_bytes(guest.boot_sector())
-    out = subprocess.run(["objdump", "-D", "-b", "binary", "-mi8086", "--adjust-vma=0x7c00", str(p)],
+    p.write_bytes(bootsector.boot_sector())
+    out = subprocess.run(["objdump", "-D", "-b", "binary", "-mi8086", "--adjust-vma=0x7c00",
+                          str(p)],
                          capture_output=True, text=True, check=True, timeout=30).stdout
     code = out.split("7c87:")[0]  # the message follows the code
     for needle in ("mov    $0x3f8,%dx", "mov    $0x8900,%dx", "mov    $0x80000b40,%eax",
@@ -50,16 +52,17 @@ def test_boot_sector_disassembles_to_the_documented_program(tmp_path):
 
 def test_patch_nonce(tmp_path):
     src = tmp_path / "a"
-    src.write_bytes(b"junk XXXXXXXXXXXXXXXXXXXX KVMLAB-BOOT-OK nonce=" + guest.NONCE_PLACEHOLDER + b"\n")
+    src.write_bytes(b"junk XXXXXXXXXXXXXXXXXXXX KVMLAB-BOOT-OK nonce="
+                    + marker.NONCE_PLACEHOLDER + b"\n")
     dst = tmp_path / "b"
-    assert guest.patch_nonce(src, dst, "0123456789abcdef") == 1
+    assert marker.patch_nonce(src, dst, "0123456789abcdef") == 1
     assert dst.read_bytes().endswith(b"nonce=0123456789abcdef\n")
     assert b"junk XXXXXXXXXXXXXXXXXXXX" in dst.read_bytes()  # only the placeholder after nonce=
     with pytest.raises(ValueError):
-        guest.patch_nonce(src, dst, "short")
+        marker.patch_nonce(src, dst, "short")
     (tmp_path / "c").write_bytes(b"nothing")
     with pytest.raises(VMError):
-        guest.patch_nonce(tmp_path / "c", dst, "0123456789abcdef")
+        marker.patch_nonce(tmp_path / "c", dst, "0123456789abcdef")
 
 
 def _parse_newc(data: bytes) -> dict[str, tuple[int, bytes, int, int]]:
@@ -81,7 +84,7 @@ def _parse_newc(data: bytes) -> dict[str, tuple[int, bytes, int, int]]:
 def test_initramfs_layout(tmp_path):
     bb = tmp_path / "busybox"
     bb.write_bytes(b"\x7fELF fake busybox")
-    files = _parse_newc(guest.make_initramfs("#!/bin/sh\necho hi\n", bb))
+    files = _parse_newc(kernel.make_initramfs("#!/bin/sh\necho hi\n", bb))
     assert files["init"][1] == b"#!/bin/sh\necho hi\n" and files["init"][0] & 0o111
     assert files["bin/busybox"][1] == bb.read_bytes()
     assert files["bin/sh"] == (0o120777, b"busybox", 0, 0)
@@ -89,17 +92,17 @@ def test_initramfs_layout(tmp_path):
     for d in ("proc", "sys", "dev", "bin"):
         assert files[d][0] & 0o170000 == 0o040000
     # deterministic: same inputs, same bytes (the cache key relies on inputs only)
-    assert guest.make_initramfs("x", bb) == guest.make_initramfs("x", bb)
-    gz = guest.make_initramfs("x", bb, compress=True)
-    assert gzip.decompress(gz) == guest.make_initramfs("x", bb)
-    assert gz == guest.make_initramfs("x", bb, compress=True)
+    assert kernel.make_initramfs("x", bb) == kernel.make_initramfs("x", bb)
+    gz = kernel.make_initramfs("x", bb, compress=True)
+    assert gzip.decompress(gz) == kernel.make_initramfs("x", bb)
+    assert gz == kernel.make_initramfs("x", bb, compress=True)
 
 
 @pytest.mark.skipif(not shutil.which("cpio"), reason="cpio not installed")
 def test_initramfs_readable_by_cpio(tmp_path):
     bb = tmp_path / "busybox"
     bb.write_bytes(b"fake")
-    listing = subprocess.run(["cpio", "-it"], input=guest.make_initramfs("x", bb),
+    listing = subprocess.run(["cpio", "-it"], input=kernel.make_initramfs("x", bb),
                              capture_output=True, check=True, timeout=30).stdout.decode()
     assert {"init", "bin/busybox", "dev/console", "bin/sh"} <= set(listing.split())
 
@@ -166,7 +169,7 @@ HELP_72 = """QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)
 
 
 def test_flags_for_qemu_kvm_012():
-    q = vm.QemuBinary(Path("/x"), "0.12.1 (qemu-kvm-0.12.1.2)", (0, 12, 1), HELP_012)
+    q = binary.QemuBinary(Path("/x"), "0.12.1 (qemu-kvm-0.12.1.2)", (0, 12, 1), HELP_012)
     assert q.qemu_kvm
     assert q.accel_args("tcg") == ["-no-kvm"]
     assert q.accel_args("kvm") == ["-enable-kvm"]
@@ -175,47 +178,48 @@ def test_flags_for_qemu_kvm_012():
 
 
 def test_flags_for_qemu_72():
-    q = vm.QemuBinary(Path("/x"), "7.2.22", (7, 2, 22), HELP_72)
+    q = binary.QemuBinary(Path("/x"), "7.2.22", (7, 2, 22), HELP_72)
     assert q.accel_args("tcg") == ["-accel", "tcg"]
     assert q.accel_args("kvm") == ["-accel", "kvm"]
     assert q.display_args == ["-display", "none"]
     assert q.uses_qmp and q.socket_opts() == "server=on,wait=off"
-    no_accel = vm.QemuBinary(Path("/x"), "2.0.0", (2, 0, 0), HELP_72.replace("-accel [", "-zzz ["))
+    no_accel = binary.QemuBinary(Path("/x"), "2.0.0", (2, 0, 0),
+                                 HELP_72.replace("-accel [", "-zzz ["))
     assert no_accel.accel_args("tcg") == ["-machine", "accel=tcg"]
 
 
 def test_probe_rejects_non_qemu(tmp_path):
     with pytest.raises(VMError, match="not a qemu system emulator"):
-        vm.probe_qemu("/bin/true")
+        binary.probe_qemu("/bin/true")
     with pytest.raises(VMError, match="not found"):
-        vm.probe_qemu(tmp_path / "nope")
+        binary.probe_qemu(tmp_path / "nope")
     with pytest.raises(VMError, match="not an executable"):
-        vm.probe_qemu(tmp_path)
+        binary.probe_qemu(tmp_path)
 
 
 def test_xp_output_and_loader_check():
     head = bytes(range(256)) * 2
     lines = [f"{0x7c00 + i:016x}: " + " ".join(f"0x{b:02x}" for b in head[i:i + 8])
              for i in range(0, 512, 8)]
-    mem = vm._memory_bytes("\n".join(lines))
+    mem = iso.memory_bytes("\n".join(lines))
     assert mem == head
-    assert vm.loader_in_memory(mem, head)
+    assert iso.loader_in_memory(mem, head)
     changed = bytearray(head)
     changed[100:120] = bytes(20)  # a loader's variables: still the loader
-    assert vm.loader_in_memory(bytes(changed), head)
-    assert not vm.loader_in_memory(bytes(512), head)  # RAM still empty
-    assert not vm.loader_in_memory(bytes(512), bytes(512))  # an all-zero "loader" proves nothing
+    assert iso.loader_in_memory(bytes(changed), head)
+    assert not iso.loader_in_memory(bytes(512), head)  # RAM still empty
+    assert not iso.loader_in_memory(bytes(512), bytes(512))  # an all-zero "loader" proves nothing
 
 
 def test_read_el_torito_rejects_non_iso(tmp_path):
     p = tmp_path / "x.iso"
     p.write_bytes(bytes(40 * 2048))
     with pytest.raises(VMError, match="El Torito"):
-        vm.read_el_torito(p)
+        iso.read_el_torito(p)
 
 
 def test_parse_facts():
-    f = vm.parse_facts("junk\r\nKVMLAB-FACT kernel=6.1.0\r\nKVMLAB-FACT clocksource=tsc\r\n")
+    f = marker.parse_facts("junk\r\nKVMLAB-FACT kernel=6.1.0\r\nKVMLAB-FACT clocksource=tsc\r\n")
     assert f == {"kernel": "6.1.0", "clocksource": "tsc"}
 
 

@@ -12,12 +12,14 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmlab.core.errors import ImageError
+from kvmlab.core import proc
+from kvmlab.core.errors import ImageError, KvmlabError
 from kvmlab.core.settings import Settings
+from kvmlab.install.txn import installed_qemu
+from kvmlab.qemu.binary import path_or_distro
 
 FORMATS = ("qcow2", "raw")
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -50,7 +52,8 @@ def parse_size(size: str | int) -> int:
     else:
         m = re.fullmatch(r"\s*(\d+)\s*([KMGTB]?)(?:I?B)?\s*", str(size), re.IGNORECASE)
         if not m:
-            raise ImageError(f"not a size: {size!r}", hint="use a number with K, M, G or T, e.g. 10G")
+            raise ImageError(f"not a size: {size!r}",
+                             hint="use a number with K, M, G or T, e.g. 10G")
         n = int(m.group(1)) * _UNITS[m.group(2).upper()]
     if n <= 0:
         raise ImageError(f"image size must be positive, not {size!r}")
@@ -85,22 +88,17 @@ def find_qemu_img(settings: Settings | None = None, qemu_img: str | Path | None 
         candidates.append(Path(near).resolve().parent / "qemu-img")
     if settings is not None:
         try:
-            from kvmlab.install.txn import installed_qemu  # optional: helper "install" owns it
             q = installed_qemu(settings)
             if q:
                 candidates.append(Path(q).parent / "qemu-img")
-        except Exception:  # noqa: BLE001 - not built/installed yet, or module missing
+        except (KvmlabError, OSError, ValueError, KeyError, TypeError):  # no readable manifest
             pass
     for c in candidates:
         if c.is_file() and os.access(c, os.X_OK):
             return c
-    found = shutil.which("qemu-img")
-    if found:
-        return Path(found)
-    from kvmlab.boot.vm import distro_qemu_img
-    distro = distro_qemu_img()
-    if distro:
-        return distro
+    on_host = path_or_distro("qemu-img")
+    if on_host:
+        return on_host
     raise ImageError("qemu-img not found (no installed build, not on PATH, no qemu-utils)",
                      hint="run `invoke install`, install Debian's qemu-utils, or pass --qemu-img")
 
@@ -112,15 +110,17 @@ def qemu_img_version(qemu_img: str | Path) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-def _run(cmd: list[str], timeout: float = QEMU_IMG_TIMEOUT) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], timeout: float = QEMU_IMG_TIMEOUT) -> proc.CompletedProcess:
+    """qemu-img (via kvmlab.core.proc); every way it cannot run is an ImageError."""
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError as e:
+        return proc.run(cmd, timeout=timeout)
+    except proc.CommandTimeout:
+        raise ImageError(f"{Path(cmd[0]).name} {cmd[1]} did not finish in {timeout:.0f} s"
+                         ) from None
+    except KvmlabError as e:  # not installed, permission denied
+        raise ImageError(e.message, hint=e.hint) from None
+    except OSError as e:
         raise ImageError(f"cannot run {cmd[0]}: {e.strerror}") from None
-    except PermissionError:
-        raise ImageError(f"cannot run {cmd[0]}: permission denied") from None
-    except subprocess.TimeoutExpired:
-        raise ImageError(f"{Path(cmd[0]).name} {cmd[1]} did not finish in {timeout:.0f} s") from None
 
 
 def parse_info_text(text: str) -> tuple[str, int]:
@@ -158,7 +158,8 @@ def parse_info(text: str, path: str | Path) -> ImageInfo:
     fmt, size = parse_info_text(text)
     cm = re.search(r"^\s*compat:\s*(\S+)", text, re.MULTILINE)
     # 0.12's qemu-img knows only qcow2 v2 and prints no compat line
-    return ImageInfo(Path(path), fmt, size, cm.group(1) if cm else ("0.10" if fmt == "qcow2" else ""))
+    compat = cm.group(1) if cm else ("0.10" if fmt == "qcow2" else "")
+    return ImageInfo(Path(path), fmt, size, compat)
 
 
 def qcow2_version(path: str | Path) -> int | None:
@@ -186,7 +187,8 @@ def create_image(path: str | Path, size: str | int, fmt: str = "qcow2",
     qemu-kvm 0.12 can open, when a newer qemu-img makes it).
     """
     if fmt not in FORMATS:
-        raise ImageError(f"unsupported image format {fmt!r}", hint="use one of " + ", ".join(FORMATS))
+        raise ImageError(f"unsupported image format {fmt!r}",
+                         hint="use one of " + ", ".join(FORMATS))
     nbytes = parse_size(size)
     path = Path(path).expanduser().absolute()
     if path.exists() or path.is_symlink():

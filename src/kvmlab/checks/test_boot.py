@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from kvmlab.boot.image import find_qemu_img, parse_info
+from kvmlab.core.errors import ImageError
+
 
 def _results(kvmlab_settings, verify_env):
     path = verify_env.get("results")
@@ -60,14 +63,11 @@ def _qemu_img(host, kvmlab_settings, recorded: str | None, near: str | None = No
     if recorded:
         return recorded
     if host.backend.NAME == "local":
-        from kvmlab.boot.image import find_qemu_img
         return str(find_qemu_img(kvmlab_settings, near=near))
     return host.find_command("qemu-img")
 
 
 def _check_image(host, path: str, fmt: str, size: int, qemu_img: str) -> None:
-    from kvmlab.boot.image import parse_info
-    from kvmlab.core.errors import ImageError
     assert host.file(path).exists, f"{path} missing"
     assert host.file(qemu_img).exists, f"{qemu_img} (the qemu-img that made {path}) is gone"
     out = host.run("%s info %s", qemu_img, path)

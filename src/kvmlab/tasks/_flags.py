@@ -24,11 +24,13 @@ from invoke.exceptions import ParseError
 
 from kvmlab.boot import guest as guest_mod
 from kvmlab.boot import image as image_mod
-from kvmlab.boot.vm import probe_qemu
+from kvmlab.boot.iso import check_iso
+from kvmlab.boot.kernel import check_kernel
 from kvmlab.core.elf import read_modinfo
 from kvmlab.core.errors import KvmlabError
 from kvmlab.host import exits
 from kvmlab.lab import steps as lab_steps
+from kvmlab.qemu.binary import probe_qemu
 
 
 class FlagValueError(ValueError):
@@ -234,11 +236,11 @@ def _content(check: Callable[[Path], None], metavar: str, what: str, example: st
 
 
 def _check_kernel(p: Path) -> None:
-    guest_mod.check_kernel(p)
+    check_kernel(p)
 
 
 def _check_iso(p: Path) -> None:
-    guest_mod.check_iso(p)
+    check_iso(p)
 
 
 def kernel_image() -> FlagType:

@@ -5,6 +5,11 @@ import shlex
 
 from invoke import Context
 
+from kvmlab.boot import guest as guest_mod
+from kvmlab.boot import vm
+from kvmlab.boot.bootsector import boot_sector_listing
+from kvmlab.boot.image import create_image as create
+from kvmlab.boot.image import human_size
 from kvmlab.core import ui
 from kvmlab.core.errors import VMError
 
@@ -20,8 +25,6 @@ from ._common import run_step_checks, settings, task
 def create_image(ctx: Context, path: str, size: str = "10G", format: str = "qcow2",
                  force: bool = False, qemu_img: str = "", no_verify: bool = False) -> None:
     """Create a disk image with qemu-img (refuses to overwrite without --force)."""
-    from kvmlab.boot.image import create_image as create
-    from kvmlab.boot.image import human_size
     s = settings(ctx)
     r = create(path, size, format, qemu_img=qemu_img or None, force=force, settings=s)
     ui.table("disk image", ["path", "format", "virtual size", "qemu-img", "status"],
@@ -41,19 +44,18 @@ def create_image(ctx: Context, path: str, size: str = "10G", format: str = "qcow
 def guest(ctx: Context, kind: str = "", kernel: str = "", init: str = "", force: bool = False,
           listing: bool = False) -> None:
     """Make (or show the cached) test guests."""
-    from kvmlab.boot import guest as g
     s = settings(ctx)
     init_script = _read_init(init)
     rows = []
-    for k in ([kind] if kind else list(g.KINDS)):
-        gu = g.make_guest(s, k, kernel=kernel or None, init_script=init_script, force=force)
+    for k in ([kind] if kind else list(guest_mod.KINDS)):
+        gu = guest_mod.make_guest(s, k, kernel=kernel or None, init_script=init_script, force=force)
         files = [p for p in (gu.disk, gu.kernel, gu.vmlinux, gu.initrd, gu.iso) if p]
         size = sum(p.stat().st_size for p in files)
         rows.append((k, gu.dir, ", ".join(p.name for p in files), f"{size / 1e6:.1f} MB",
                      "cached" if gu.cached else "built"))
     ui.table("test guests", ["kind", "directory", "files", "size", "status"], rows)
     if listing:
-        ui.info(g.boot_sector_listing())
+        ui.info(boot_sector_listing())
 
 
 def _read_init(path: str) -> str | None:
@@ -85,7 +87,6 @@ def boot_test(ctx: Context, qemu: str = "", accel: str = "auto", guest: str = ""
               init: str = "", dry_run: bool = False, show_command: bool = False,
               no_verify: bool = False) -> None:
     """Boot test guests headless with qemu; report booted, accelerator, time to marker."""
-    from kvmlab.boot import vm
     s = settings(ctx)
     init_script = _read_init(init)
     if iso:
@@ -94,7 +95,7 @@ def boot_test(ctx: Context, qemu: str = "", accel: str = "auto", guest: str = ""
         guests = [x for x in guest.split(",") if x]
     else:
         guests = ["tiny", "linux"]
-    results = []
+    results: list[vm.BootResult] = []
     for g in guests:
         r = vm.boot_test(s, qemu=qemu or None, accel=accel, guest=g if g != "user-iso" else "tiny",
                          iso=iso or None, kernel=kernel or None, disk=disk or None,

@@ -1,0 +1,1 @@
+"""qemu: what a qemu binary is and can do, its monitor, a headless launch."""
