@@ -15,7 +15,7 @@ from kvmlab.install.firmware import (
     find_search_dirs,
     install_bios,
 )
-from kvmlab.install.probe import ProbeRun, qemu_l_help, qemu_version, run_probe
+from kvmlab.install.probe import ProbeRun, qemu_version, run_probe
 from kvmlab.install.txn import (
     BACKUP_SUFFIX,
     QEMU_NAME,
@@ -25,6 +25,7 @@ from kvmlab.install.txn import (
     manifest_path,
 )
 from kvmlab.install.uninstall import UninstallResult, uninstall
+from kvmlab.qemu.binary import l_help as qemu_l_help
 
 __all__ = [
     "BACKUP_SUFFIX", "BIOS_RE", "MODES", "QEMU_NAME", "BiosResult", "FileRow", "InstallResult",

@@ -7,17 +7,17 @@ by kvmlab.build.qemu), read through ``BuildManifest``.
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from kvmlab.build import images
+from kvmlab.build import containers, images
 from kvmlab.core import proc
-from kvmlab.core.errors import InstallError
+from kvmlab.core.errors import BuildError, InstallError
 from kvmlab.core.fsutil import sha256_file
 from kvmlab.core.settings import Settings
 from kvmlab.install import deps
@@ -244,29 +244,17 @@ def _builder_image(settings: Settings, recipe: Recipe, builder: str, bm: BuildMa
 
 def _run_in_builder(image: str, cmd: list[str], tree: Path, staging: Path, env: dict[str, str],
                     timeout: float, what: str) -> tuple[int, str]:
-    """(exit status, output) of cmd in image, as this user, no network, the build tree at its
-    own absolute path (as the build mounted it) and staging bound read-write.
-
-    The one docker call of the install room: kvmlab.build.containers' runner replaces it."""
-    client = images.docker_client()
-    container: Any = None
+    """(exit status, output) of cmd in image through the one container runner
+    (kvmlab.build.containers): as this user, no network, the build tree at its own absolute path
+    (as the build mounted it) and staging bound read-write; removed in every case."""
+    out = io.StringIO()
     try:
-        container = client.containers.run(
-            image, cmd, detach=True, name=f"kvmlab-make-install-{os.getpid()}",
-            working_dir=str(tree), network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
-            environment={"HOME": "/tmp", "LC_ALL": "C", **env},
-            volumes={str(tree): {"bind": str(tree), "mode": "rw"},
-                     str(staging): {"bind": str(staging), "mode": "rw"}},
-            labels={"kvmlab": "make-install"})
-        try:
-            res = container.wait(timeout=timeout)
-        except Exception:  # noqa: BLE001 - the SDK raises a requests timeout here
-            raise InstallError(f"{what} timed out after {timeout:.0f} s") from None
-        log = container.logs(stdout=True, stderr=True).decode("utf-8", "replace")
-        return int(res.get("StatusCode", 1)), log
-    finally:
-        if container is not None:
-            try:
-                container.remove(force=True)
-            except Exception:  # noqa: BLE001 - never mask the original error
-                pass
+        rc = containers.run_in_container(
+            images.docker_client(), image, cmd, workdir=tree,
+            binds={str(tree): str(tree), str(staging): str(staging)},
+            env={"HOME": "/tmp", "LC_ALL": "C", **env}, sink=out,
+            name=f"kvmlab-make-install-{os.getpid()}", timeout=timeout,
+            labels={"kvmlab": "make-install"}, what=what)
+    except BuildError as e:   # the runner's timeout: an install error here
+        raise InstallError(e.message, hint=e.hint) from None
+    return rc, out.getvalue()

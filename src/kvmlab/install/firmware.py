@@ -21,7 +21,7 @@ from kvmlab.core.errors import InstallError
 from kvmlab.core.fsutil import sha256_file
 from kvmlab.core.settings import Settings
 from kvmlab.install.binaries import binary_path, load_build
-from kvmlab.install.probe import ProbeRun, qemu_l_help, qemu_version, run_probe, version_tuple
+from kvmlab.install.probe import ProbeRun, qemu_version, run_probe
 from kvmlab.install.txn import (
     QEMU_NAME,
     FileRow,
@@ -34,6 +34,8 @@ from kvmlab.install.txn import (
 )
 from kvmlab.model.manifests import BuildManifest, InstallManifest, InstallTarget
 from kvmlab.model.recipe import Recipe
+from kvmlab.qemu.binary import l_help as qemu_l_help
+from kvmlab.qemu.binary import version_tuple
 
 # names a qemu binary asks for in its data dirs (the BIOS is what decides where it searches)
 BIOS_RE = re.compile(r"^bios(-256k)?\.bin$")

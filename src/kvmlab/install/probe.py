@@ -1,17 +1,15 @@
-"""Asking a qemu binary where it looks for firmware: its version, ``-L help``, and one short,
-paused start (monitor on a unix socket, under strace when present).
+"""Asking a qemu binary which firmware files it opens: one short, paused start under strace.
 
-ADAPTER: these are install's own qemu questions from before the redesign. ``kvmlab.qemu``
-(binary facts, the one monitor client, headless launch) replaces them; keep this interface
-narrow -- ``qemu_version``, ``version_tuple``, ``qemu_l_help``, ``run_probe`` and ``ProbeRun``
--- so firmware.py switches over by changing its imports.
+The questions themselves go through the qemu room: ``kvmlab.qemu.binary`` (version, ``-L help``),
+``kvmlab.qemu.launch.headless_args`` and the one monitor client (``kvmlab.qemu.monitor.quit``).
+What is install's own is reading the answers: the firmware paths a start tried (strace, or a
+debug-bios-path build's own lines) and the missing-file messages.
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,6 +18,8 @@ from typing import IO
 
 from kvmlab.core import proc
 from kvmlab.core.errors import InstallError
+from kvmlab.qemu import binary, launch, monitor
+from kvmlab.qemu.binary import version_tuple
 
 # names a qemu binary asks for in its data dirs
 FIRMWARE_RE = re.compile(r"\.(bin|rom|img|fd|aml)$")
@@ -52,36 +52,8 @@ class ProbeRun:
 # ---------------------------------------------------------------------------------------------
 # questions answered on stdout
 def qemu_version(qemu: Path, timeout: float = 10) -> str:
-    """The first line of `qemu -version`, or InstallError saying why it did not answer."""
-    try:
-        r = proc.run([str(qemu), "-version"], timeout=timeout, cwd="/")
-    except proc.CommandTimeout:
-        raise InstallError(f"{qemu} -version did not answer within {timeout:.0f} s") from None
-    except OSError as e:
-        raise InstallError(f"cannot run {qemu}: {e.strerror}",
-                           hint="is it an executable for this machine?") from None
-    if r.returncode != 0:
-        raise InstallError(f"{qemu} -version failed (exit {r.returncode}): "
-                           f"{(r.stderr or r.stdout).strip()[:300]}",
-                           hint="missing shared libraries? try `ldd " + str(qemu) + "`")
-    return (r.stdout.strip().splitlines() or [""])[0]
-
-
-def version_tuple(version_line: str) -> tuple[int, ...]:
-    mo = re.search(r"version (\d+)\.(\d+)", version_line)
-    return (int(mo.group(1)), int(mo.group(2))) if mo else (0, 0)
-
-
-def qemu_l_help(qemu: Path, timeout: float = 10) -> list[Path] | None:
-    """`qemu -L help` (QEMU >= 5.x): the data directories, in search order."""
-    try:
-        r = proc.run([str(qemu), "-L", "help"], timeout=timeout, cwd="/")
-    except (OSError, proc.CommandTimeout):
-        return None
-    lines = [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
-    if r.returncode != 0 or not lines or not all(ln.startswith("/") for ln in lines):
-        return None
-    return [Path(os.path.normpath(ln)) for ln in lines]
+    """The first line of `qemu -version`; InstallError saying why it did not answer."""
+    return binary.version_line(qemu, timeout, error=InstallError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,37 +135,6 @@ def _strace_refused(stderr: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # the paused start
-def _headless_args(version: tuple[int, ...], sock: Path) -> list[str]:
-    return ["-S", "-nographic", "-serial", "null", "-parallel", "none",
-            "-monitor", f"unix:{sock},server,nowait"]
-
-
-def _monitor_quit(sock: Path, timeout: float) -> str:
-    """Connect to the HMP monitor, read its banner, send quit; the banner ("" if none)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(min(timeout, 10))
-    try:
-        s.connect(str(sock))
-        buf = b""
-        end = time.monotonic() + min(timeout, 10)
-        while b"(qemu)" not in buf and time.monotonic() < end:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
-        if b"(qemu)" not in buf:
-            return ""
-        s.sendall(b"quit\n")
-        try:
-            while s.recv(4096):
-                pass
-        except OSError:
-            pass
-        return buf.decode("utf-8", "replace").split("\n")[0].strip()
-    finally:
-        s.close()
-
-
 def _await_monitor(child: proc.Popen, sock: Path, timeout: float) -> tuple[bool, str, int | None]:
     """(started, monitor banner, exit code) once it answered and quit, exited, or timed out."""
     banner = ""
@@ -201,7 +142,7 @@ def _await_monitor(child: proc.Popen, sock: Path, timeout: float) -> tuple[bool,
     while time.monotonic() < deadline and child.poll() is None:
         if sock.exists():
             try:
-                banner = _monitor_quit(sock, max(1.0, deadline - time.monotonic()))
+                banner = monitor.quit(sock, max(1.0, deadline - time.monotonic()))
             except OSError:
                 banner = ""
             if banner:
@@ -239,7 +180,7 @@ def run_probe(qemu: Path, *, timeout: float = 20, use_strace: bool | None = None
     version = version_tuple(qemu_version(qemu))
     work = Path(tempfile.mkdtemp(prefix="kvmlab-probe-"))
     trace = work / "strace.out"
-    argv = [str(qemu), *_headless_args(version, work / "mon.sock"), *(extra_args or [])]
+    argv = [str(qemu), *launch.headless_args(version, work / "mon.sock"), *(extra_args or [])]
     full = ([strace, *_STRACE_ARGS, "-o", str(trace)] if strace else []) + argv
     try:
         with open(work / "stderr", "w+b") as errf:
