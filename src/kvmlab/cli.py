@@ -10,7 +10,7 @@ from kvmlab.tasks import ns
 
 class KvmlabConfig(Config):
     prefix = "kvmlab"
-    env_prefix = "KVMLAB"
+    env_prefix: str | None = "KVMLAB"  # type: ignore[assignment]  # invoke declares it None
 
 
 program = Program(name="kvmlab", binary="kvmlab", version=__version__, namespace=ns,

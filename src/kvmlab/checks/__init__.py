@@ -1,1 +1,1 @@
-"""checks: the testinfra checks of each step (test_<step>.py), run by `verify` and after each task."""
+"""checks: the testinfra checks of each step (test_<step>.py), run by verify and tasks."""

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmlab import install
 from kvmlab.build import qemu as qemu_build
 from kvmlab.core import ui
 from kvmlab.core.errors import KvmlabError, LabError
@@ -26,7 +27,6 @@ from kvmlab.core.fsutil import atomic_write_json, json_sha256, read_json, sha256
 from kvmlab.core.settings import Settings
 from kvmlab.core.stamps import Stamp
 from kvmlab.host import doctor as host
-from kvmlab import install
 from kvmlab.lab import steps
 from kvmlab.lab.steps import Ctx, LabOptions, StepOutcome
 from kvmlab.model.recipe import load_recipe

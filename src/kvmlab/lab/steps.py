@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvmlab import install
 from kvmlab.boot import guest, image, vm
 from kvmlab.build import images
 from kvmlab.build import qemu as qemu_build
@@ -25,7 +26,6 @@ from kvmlab.core.errors import LabError
 from kvmlab.core.fsutil import read_json, sha256_file
 from kvmlab.core.settings import Settings
 from kvmlab.host import doctor as host
-from kvmlab import install
 from kvmlab.model.recipe import Recipe, load_recipe
 from kvmlab.source import fetch, prepare
 
