@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,39 +163,19 @@ def run_native(bdir: Path, cmds: list[list[str]], env: dict[str, str], sink: Log
     for cmd in cmds:
         sink.write("+ " + " ".join(shlex.quote(a) for a in cmd) + "\n")
         try:
-            p = proc.spawn(cmd, cwd=bdir, env=full_env, stdout=proc.PIPE, stderr=proc.STDOUT)
+            rc = proc.stream(cmd, cwd=bdir, env=full_env, on_line=sink.write,
+                             timeout=max(0.1, deadline - time.monotonic()))
+        except proc.CommandTimeout:
+            raise BuildError(f"build timed out after {timeout:.0f} s and was stopped",
+                             hint=f"set KVMLAB_BUILD_TIMEOUT (seconds); log: {sink.path}"
+                             ) from None
         except (KvmlabError, OSError) as e:
             why = e.message if isinstance(e, KvmlabError) else e.strerror
             sink.write(f"cannot run {cmd[0]}: {why}\n")
             return 127
-        rc = _follow_native(p, sink, deadline, timeout)
         if rc != 0:
             return rc
     return 0
-
-
-def _follow_native(p: Any, sink: LogSink, deadline: float, timeout: float) -> int:
-    timed_out = threading.Event()
-
-    def watchdog() -> None:  # a silent, hung build still ends
-        timed_out.set()
-        proc.kill_group(p, wait=0)
-
-    timer = threading.Timer(max(0.1, deadline - time.monotonic()), watchdog)
-    timer.daemon = True
-    timer.start()
-    try:
-        assert p.stdout is not None
-        for line in iter(p.stdout.readline, b""):
-            sink.write(line.decode("utf-8", errors="replace"))
-        rc = int(p.wait(timeout=60))
-    finally:
-        timer.cancel()
-        proc.kill_group(p)
-    if timed_out.is_set():
-        raise BuildError(f"build timed out after {timeout:.0f} s and was stopped",
-                         hint=f"set KVMLAB_BUILD_TIMEOUT (seconds); log: {sink.path}")
-    return rc
 
 
 # --------------------------------------------------------------------------------------------

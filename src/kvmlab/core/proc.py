@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -117,6 +117,37 @@ def spawn(argv: Sequence[str | os.PathLike[str]], **kw: Any) -> subprocess.Popen
         return subprocess.Popen(args, start_new_session=True, **kw)
     except FileNotFoundError:
         raise missing_tool(args[0]) from None
+
+
+def stream(argv: Sequence[str | os.PathLike[str]], *, timeout: float,
+           on_line: Callable[[str], Any], env: Mapping[str, str] | None = None,
+           cwd: str | os.PathLike[str] | None = None, what: str | None = None) -> int:
+    """Run ``argv`` with stdout+stderr merged, handing each line (decoded, newline kept) to
+    ``on_line`` as it comes; its exit status. After ``timeout`` seconds in all (a silent, hung
+    child included) its process group is killed and CommandTimeout raised."""
+    p = spawn(argv, stdout=PIPE, stderr=STDOUT, env=dict(env) if env is not None else None,
+              cwd=cwd)
+    timed_out = threading.Event()
+
+    def watchdog() -> None:
+        timed_out.set()
+        kill_group(p, wait=0)
+
+    timer = threading.Timer(max(0.1, timeout), watchdog)
+    timer.daemon = True
+    timer.start()
+    try:
+        assert p.stdout is not None
+        for raw in iter(p.stdout.readline, b""):
+            on_line(raw.decode("utf-8", errors="replace"))
+        rc = int(p.wait(timeout=60))
+    finally:
+        timer.cancel()
+        kill_group(p)
+    if timed_out.is_set():
+        raise CommandTimeout(f"{what or Path(str(argv[0])).name} timed out after {timeout:.0f} s "
+                             "and was stopped", hint="its process group was killed")
+    return rc
 
 
 @contextmanager

@@ -11,7 +11,6 @@ import platform
 import re
 import shutil
 import sys
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -95,36 +94,25 @@ def _run_logged(cmd: list[str], log: Path, timeout: float) -> tuple[int, str]:
     """Run cmd, its output streamed to the terminal and appended to log; (exit code, last
     line). The whole process group is killed after timeout."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    last = ""
+    last = [""]
     with open(log, "a", encoding="utf-8", errors="replace") as f:
         f.write("+ " + " ".join(cmd) + "\n")
         f.flush()
-        p = proc.spawn(cmd, stdout=proc.PIPE, stderr=proc.STDOUT, text=True, errors="replace",
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        timed_out = threading.Event()
 
-        def stop() -> None:
-            timed_out.set()
-            proc.kill_group(p)
-        timer = threading.Timer(timeout, stop)
-        timer.daemon = True
-        timer.start()
+        def line(text: str) -> None:
+            f.write(text)
+            f.flush()
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            last[0] = text.strip() or last[0]
         try:
-            assert p.stdout is not None
-            for line in p.stdout:
-                f.write(line)
-                f.flush()
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                last = line.strip() or last
-            rc = p.wait(timeout=60)
-        finally:
-            timer.cancel()
-            proc.kill_group(p)
-    if timed_out.is_set():
-        raise InstallError(f"`{' '.join(cmd)}` timed out after {timeout:.0f} s and was stopped",
-                           hint=f"set KVMLAB_APT_TIMEOUT (seconds); its output: {log}")
-    return rc, last
+            rc = proc.stream(cmd, timeout=timeout, on_line=line,
+                             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        except proc.CommandTimeout:
+            raise InstallError(f"`{' '.join(cmd)}` timed out after {timeout:.0f} s and was "
+                               "stopped", hint=f"set KVMLAB_APT_TIMEOUT (seconds); its output: "
+                                               f"{log}") from None
+    return rc, last[0]
 
 
 def _apt_install(settings: Settings, packages: list[str], timeout: float) -> None:
