@@ -29,6 +29,7 @@ from kvmlab.core.stamps import Stamp
 from kvmlab.host import doctor as host
 from kvmlab.lab import steps
 from kvmlab.lab.steps import Ctx, LabOptions, StepOutcome
+from kvmlab.model.manifests import BuildManifest, LabLock
 from kvmlab.model.recipe import load_recipe
 from kvmlab.source import fetch, prepare
 
@@ -151,22 +152,17 @@ def run_lab(settings: Settings, opts: LabOptions, *, resume: bool = False,
 
 def make_lock(c: Ctx) -> dict[str, Any]:
     r = c.records
-    return {
-        "schema": LOCK_SCHEMA,
-        "host": platform.node(),
-        "recipe": {"name": c.recipe.name, "version": c.recipe.version, "sha256": c.recipe.sha256},
-        "builder": c.o.builder,
-        "source": r.get("fetch", {}),
-        "patches": r.get("patch", {}).get("patches", []),
-        "image": r.get("images", {}),
-        "build": r.get("build", {}),
-        "installed": steps.installed_map(r),
-        "firmware_dirs": r.get("install-bios", {}).get("search_dirs", []),
-        "host_facts": r.get("doctor", {}).get("facts", {}),
-        "boot": r.get("boot-test", {}),
-        "manifests": {k: r.get(k, {}).get("manifest") for k in ("install", "install-bios")},
-        "options": {k: v for k, v in asdict(c.o).items() if k not in ("force",)},
-    }
+    return LabLock(
+        schema=LOCK_SCHEMA, host=platform.node(),
+        recipe={"name": c.recipe.name, "version": c.recipe.version, "sha256": c.recipe.sha256},
+        builder=c.o.builder, source=r.get("fetch", {}),
+        patches=r.get("patch", {}).get("patches", []), image=r.get("images", {}),
+        build=r.get("build", {}), installed=steps.installed_map(r),
+        firmware_dirs=r.get("install-bios", {}).get("search_dirs", []),
+        host_facts=r.get("doctor", {}).get("facts", {}), boot=r.get("boot-test", {}),
+        manifests={k: r.get(k, {}).get("manifest") for k in ("install", "install-bios")},
+        options={k: v for k, v in asdict(c.o).items() if k not in ("force",)},
+    ).to_dict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,10 +197,12 @@ def current_facts(settings: Settings, lock: dict[str, Any], *, host_facts: bool 
                                       "sha256": recipe.sha256}}
     stamp = prepare.read_patch_stamp(settings, recipe) or {}
     now["patches"] = stamp.get("patches", [])
-    m = read_json(settings.out(recipe.name, builder) / "manifest.json", {}) or {}
-    now["build"] = {"image_id": m.get("image_id"), "compiler": m.get("compiler"),
-                    "configure_args": m.get("configure_args"), "config": m.get("config"),
-                    "artifacts": {a["path"]: a["sha256"] for a in m.get("artifacts", [])}}
+    mpath = settings.out(recipe.name, builder) / "manifest.json"
+    m = BuildManifest.load(mpath) if mpath.is_file() else None
+    now["build"] = {"image_id": m.image_id if m else None, "compiler": m.compiler if m else None,
+                    "configure_args": m.get("configure_args") if m else None,
+                    "config": m.config if m else None,
+                    "artifacts": {a.path: a.sha256 for a in m.artifacts} if m else {}}
     installed: dict[str, str] = {}
     for path in lock.get("installed", {}):
         p = Path(path)
@@ -218,9 +216,9 @@ def current_facts(settings: Settings, lock: dict[str, Any], *, host_facts: bool 
 
 def check(settings: Settings, *, host_facts: bool = True) -> list[Difference]:
     lp = lock_path(settings)
-    lock = read_json(lp, None)
-    if not lock:
+    if not lp.is_file():
         raise LabError(f"no lab lock at {lp}", hint="run `invoke lab` first")
+    lock = LabLock.load(lp).to_dict()
     now = current_facts(settings, lock, host_facts=host_facts)
     diffs: list[Difference] = []
     for section, val in now.items():

@@ -34,6 +34,8 @@ class Record:
     """Shared reading/writing: known fields typed, the rest kept verbatim in ``extra``."""
     SCHEMA: ClassVar[int] = 1
     KIND: ClassVar[str] = "record"
+    OPTIONAL: ClassVar[tuple[str, ...]] = ()   # keys not written while None (older files lack them)
+    SORTED: ClassVar[bool] = False             # keys written in sorted order
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -50,9 +52,10 @@ class Record:
         """Validate types a reader relies on (overridden where needed)."""
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"
+               and not (f.name in self.OPTIONAL and getattr(self, f.name) is None)}
         out.update(self.extra)
-        return out
+        return dict(sorted(out.items())) if self.SORTED else out
 
     @classmethod
     def load(cls: type[T], path: Path | str) -> T:
@@ -142,18 +145,14 @@ class BuildManifest(Record):
             self.runtime_deps = [d if isinstance(d, RuntimeDep) else RuntimeDep.from_dict(d)
                                  for d in self.runtime_deps]
 
+    # native builds write no image keys; older builds no runtime_deps; qemu builds no kind
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("image", "image_id", "runtime_deps", "kind")
+
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out["artifacts"] = [a.to_dict() for a in self.artifacts]
-        if self.runtime_deps is None:
-            out.pop("runtime_deps")
-        else:
+        if self.runtime_deps is not None:
             out["runtime_deps"] = [d.to_dict() for d in self.runtime_deps]
-        if self.image is None and self.image_id is None:   # native builds: no image keys
-            out.pop("image")
-            out.pop("image_id")
-        if self.kind is None:
-            out.pop("kind")
         return out
 
     @property
@@ -174,6 +173,8 @@ class BuildManifest(Record):
 class InstallManifest(Record):
     SCHEMA: ClassVar[int] = 1
     KIND: ClassVar[str] = "install manifest"
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("bios",)
+    SORTED: ClassVar[bool] = True
     schema: int = 1
     root: str = ""
     prefix: str = ""
@@ -192,12 +193,6 @@ class InstallManifest(Record):
             raise ManifestError(f"install manifest schema {self.schema} is newer than this "
                                 f"kvmlab ({self.SCHEMA})", hint="use the kvmlab that wrote it")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        if self.bios is None:
-            out.pop("bios")
-        return dict(sorted(out.items()))
-
     def entry(self, path: str | Path) -> dict[str, Any] | None:
         p = str(path)
         return next((f for f in self.files if f.get("path") == p), None)
@@ -207,6 +202,8 @@ class InstallManifest(Record):
 class LabLock(Record):
     SCHEMA: ClassVar[int] = 1
     KIND: ClassVar[str] = "lab lock"
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("image", "boot")
+    SORTED: ClassVar[bool] = True
     schema: int = 1
     host: str = ""
     recipe: dict[str, Any] = field(default_factory=dict)
@@ -217,7 +214,7 @@ class LabLock(Record):
     image: dict[str, Any] | None = None
     build: dict[str, Any] = field(default_factory=dict)
     installed: dict[str, str] = field(default_factory=dict)
-    manifests: dict[str, str] = field(default_factory=dict)
+    manifests: dict[str, str | None] = field(default_factory=dict)
     firmware_dirs: list[str] = field(default_factory=list)
     host_facts: dict[str, Any] = field(default_factory=dict)
     boot: dict[str, Any] | None = None
@@ -227,12 +224,6 @@ class LabLock(Record):
             raise ManifestError("the lab lock has no recipe or installed-file table",
                                 hint="rerun `invoke lab` to write a new one")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        for k in ("image", "boot"):
-            if out.get(k) is None:
-                out.pop(k, None)
-        return dict(sorted(out.items()))
 
 
 @dataclass(frozen=True)
