@@ -27,6 +27,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from invoke.exceptions import CommandTimedOut, UnexpectedExit
+
 import kvmlab
 from kvmlab.core import ui
 from kvmlab.core.errors import LabError
@@ -203,7 +205,6 @@ def _run_one(settings: Settings, opts: LabOptions, h: HostSpec, bundle: bytes, o
     from fabric import Connection
     t0 = time.monotonic()
     import paramiko
-    from invoke.exceptions import CommandTimedOut, UnexpectedExit
     kw: dict[str, Any] = {"banner_timeout": connect_timeout, "auth_timeout": connect_timeout}
     if h.key:
         kw["key_filename"] = h.key
