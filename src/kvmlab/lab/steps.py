@@ -66,6 +66,7 @@ class Ctx:
         self.recipe: Recipe = load_recipe(settings.recipes_dir, opts.recipe)
         self.records: dict[str, dict[str, Any]] = {}
         self.qemu: Path | None = None
+        self.prepared: prepare.PreparedSource | None = None   # the patch step's tree, for build
         self.disk: Path = settings.state_dir / "lab" / f"{opts.recipe}-disk.qcow2"
 
 
@@ -82,6 +83,7 @@ def _fetch(c: Ctx) -> StepOutcome:
 
 def _patch(c: Ctx) -> StepOutcome:
     p = prepare.prepare(c.s, c.recipe, c.o.builder, source=c.o.source, offline=c.o.offline)
+    c.prepared = p
     return StepOutcome("patch", "no-op" if p.noop else "ok", figure=f"{len(p.patches)} patch(es)",
                        record={"patches": p.patches, "source_sha256": p.source_sha256})
 
@@ -104,8 +106,9 @@ def _images(c: Ctx) -> StepOutcome:
 
 
 def _build(c: Ctx) -> StepOutcome:
+    # the tree the patch step prepared: not fetched, hashed and checked a second time
     r = qemu_build.build(c.s, c.recipe, c.o.builder, jobs=c.o.jobs, source=c.o.source,
-                    offline=c.o.offline)
+                         offline=c.o.offline, prepared=c.prepared)
     m = r.manifest
     arts = {a["path"]: a["sha256"] for a in m.get("artifacts", [])}
     return StepOutcome("build", "no-op" if r.noop else "ok",
