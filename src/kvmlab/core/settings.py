@@ -57,6 +57,11 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+def env_name(setting: str) -> str:
+    """The environment variable of a setting: state_dir -> KVMLAB_STATE_DIR."""
+    return "KVMLAB_" + setting.upper()
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -67,6 +72,11 @@ class Settings:
     patches_dir: Path
     recipe: str
     builder: str
+
+    def env(self) -> dict[str, str]:
+        """These settings as the KVMLAB_* environment a child kvmlab (the checks, a remote
+        host) reads back: one variable per row of SETTINGS."""
+        return {env_name(s.name): str(getattr(self, s.name)) for s in SETTINGS}
 
     # Derived locations -------------------------------------------------------------------
     @property
@@ -109,7 +119,7 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
     project = Path(home_raw).expanduser().resolve() if home_raw else _find_project_dir()
     values: dict[str, Any] = {}
     for s in SETTINGS:
-        env = os.environ.get("KVMLAB_" + s.name.upper())
+        env = os.environ.get(env_name(s.name))
         if s.name in overrides:
             v = overrides[s.name]
         elif env:

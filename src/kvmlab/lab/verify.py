@@ -136,11 +136,7 @@ def run_checks(settings: Settings, steps: list[str], hosts: list[str] | None = N
     for h in hosts:
         check_host_spec(h)
     env = {
-        "KVMLAB_HOME": str(settings.home), "KVMLAB_STATE_DIR": str(settings.state_dir),
-        "KVMLAB_CACHE": str(settings.cache), "KVMLAB_LOCK": str(settings.lock),
-        "KVMLAB_RECIPES_DIR": str(settings.recipes_dir),
-        "KVMLAB_PATCHES_DIR": str(settings.patches_dir),
-        "KVMLAB_RECIPE": settings.recipe, "KVMLAB_BUILDER": settings.builder,
+        **settings.env(),
         # only testinfra's plugin: auto-loading every installed plugin costs ~0.7 s per run
         "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
         **(extra_env or {}),
