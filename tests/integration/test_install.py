@@ -533,3 +533,35 @@ def test_compat_dirs_from_the_recipe(env, tmp_path):
                                         str(env.destdir / "usr/local/share/qemu-kvm")]
     inst.uninstall(env.settings, destdir=str(env.destdir))
     assert not env.destdir.exists()
+
+
+def test_identical_files_from_another_state_are_adopted_and_kept(env, tmp_path, monkeypatch):
+    """A used host: the same build already installed from another state dir (another clone).
+    The second install records the identical files (its checks see them) but does not own
+    them: its uninstall leaves them; the first owner's uninstall removes them."""
+    from kvmlab import install as inst
+    from kvmlab.core.settings import load_settings
+    from kvmlab.lab import verify
+    s, r, dd = env.settings, env.recipe, env.destdir
+    inst.install(s, r, "native", prefix="/usr/local", destdir=str(dd))
+    before = tree_state(dd)
+    other = tmp_path / "other-state"
+    other.mkdir()
+    shutil.copytree(s.out(r.name, "native"), other / "out" / r.name / "native")
+    monkeypatch.setenv("KVMLAB_STATE_DIR", str(other))
+    s2 = load_settings()
+    res = inst.install(s2, r, "native", prefix="/usr/local", destdir=str(dd))
+    assert res.noop and all(x.status == "already correct" for x in res.rows)
+    m = json.loads(res.manifest_path.read_text())
+    assert {e["path"] for e in m["files"]} == {x.path for x in res.rows}
+    assert all(e.get("adopted") for e in m["files"])
+    rep = verify.run_checks(s2, ["install"], ["local://"],
+                            extra_env={"KVMLAB_VERIFY_INSTALL_MANIFEST": str(res.manifest_path)})
+    ran = {c.name: c.status for c in rep.results}
+    assert ran["test_installed_files_match_manifest"] == "passed", rep.results
+    u = inst.uninstall(s2, prefix="/usr/local", destdir=str(dd), recipe=r.name)
+    assert sorted(u.kept) == sorted(x.path for x in res.rows) and not u.removed
+    assert tree_state(dd) == before                 # nothing of the first install touched
+    monkeypatch.setenv("KVMLAB_STATE_DIR", str(s.state_dir))
+    u1 = inst.uninstall(load_settings(), prefix="/usr/local", destdir=str(dd), recipe=r.name)
+    assert u1.removed and not any((dd / "usr/local/bin").glob("qemu-*"))

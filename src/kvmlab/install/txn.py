@@ -350,9 +350,12 @@ def _already_correct(it: Item, cur: dict[str, Any]) -> bool:
     return cur["type"] == "file" and cur["sha256"] == it.sha256 and cur["mode"] == f"{it.mode:04o}"
 
 
-def _plan(items: list[Item], m: InstallManifest) -> tuple[list[FileRow], list[Todo]]:
+def _plan(items: list[Item], m: InstallManifest, step: str
+          ) -> tuple[list[FileRow], list[Todo], list[dict[str, Any]]]:
+    """(rows of files already correct, files to write, entries to adopt)."""
     rows: list[FileRow] = []
     todo: list[Todo] = []
+    adopted: list[dict[str, Any]] = []
     for it in items:
         if _is_real_dir(it.dest):
             todo.append((it, None, None))
@@ -361,10 +364,14 @@ def _plan(items: list[Item], m: InstallManifest) -> tuple[list[FileRow], list[To
         if cur is not None and _already_correct(it, cur):
             rows.append(FileRow(str(it.dest), it.origin, it.sha256, "already correct",
                                 name=it.name))
+            if m.entry(it.dest) is None:
+                # the same file, put there by someone else (another state dir, a hand copy):
+                # recorded so the checks see it; uninstall leaves it where it was
+                adopted.append({**_entry(it, step, None, None, None, None), "adopted": True})
             continue
         old = m.entry(it.dest)
         todo.append((it, cur, old if old is not None and still_ours(old, cur) else None))
-    return rows, todo
+    return rows, todo, adopted
 
 
 def _dry_row(it: Item, cur: dict[str, Any] | None, owned: dict[str, Any] | None) -> FileRow:
@@ -436,11 +443,14 @@ def apply(items: list[Item], m: InstallManifest, step: str, what: str,
 
     Returns the rows and the open transaction (None: nothing was written) that
     ``save_manifest`` commits once m is on disk -- or rolls back if it cannot be written."""
-    rows, todo = _plan(items, m)
+    rows, todo, adopted = _plan(items, m, step)
     if dry_run:
         return rows + [_dry_row(*t) for t in todo], None
     if not todo:
-        return rows, None
+        if not adopted:
+            return rows, None
+        _record(m, adopted, [])
+        return rows, Txn(what)      # nothing written: the manifest alone changes
     dirs = {it.dest.parent for it, _, _ in todo}
     preflight([(it.dest, os.path.getsize(it.src) if it.src else 0) for it, _, _ in todo],
               dirs, what)
@@ -453,5 +463,5 @@ def apply(items: list[Item], m: InstallManifest, step: str, what: str,
     except BaseException:
         txn.rollback()
         raise
-    _record(m, entries, created)
+    _record(m, entries + adopted, created)
     return rows + written, txn

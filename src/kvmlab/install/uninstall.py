@@ -35,6 +35,7 @@ class UninstallResult:
     skipped: list[tuple[str, str]]
     dirs_removed: list[str]
     kept_backups: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)   # adopted: identical and there before kvmlab
 
 
 def _find_manifest(settings: Settings, prefix: str | None, destdir: str | None,
@@ -70,6 +71,9 @@ def _check_writable(entries: list[dict[str, Any]]) -> None:
 def _undo(e: dict[str, Any], res: UninstallResult, force: bool) -> bool:
     """Remove (or restore the backup of) one entry; False when it stays in the manifest."""
     p = Path(e["path"])
+    if e.get("adopted"):     # it was there before kvmlab, identical: it stays
+        res.kept.append(str(p))
+        return True
     cur = describe_existing(p)
     if cur is not None and not still_ours(e, cur) and not force:
         res.skipped.append((str(p), "changed since kvmlab installed it (use --force)"))

@@ -160,6 +160,7 @@ def uninstall(ctx: Context, recipe: str = "", prefix: str = "", destdir: str = "
     rows = [(p, "removed") for p in res.removed] + [(p, "restored from backup")
                                                      for p in res.restored]
     rows += [(p, f"skipped: {why}") for p, why in res.skipped]
+    rows += [(p, "kept (it was there, identical, before kvmlab)") for p in res.kept]
     rows += [(d, "removed (directory)") for d in res.dirs_removed]
     ui.table("uninstall", ["path", "status"], rows)
     for b in res.kept_backups:
