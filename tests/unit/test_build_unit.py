@@ -117,10 +117,10 @@ def test_collect_writes_layout_and_manifest(tmp_path, recipe):
 def test_missing_binary_fails_and_keeps_previous_output(tmp_path, recipe):
     bdir = _built_tree(tmp_path)
     out = tmp_path / "out" / "fake-qemu" / "debian12"
-    C.collect(recipe, "debian12", bdir, out, {"n": 1})
+    C.collect(recipe, "debian12", bdir, out, {"recipe": recipe.name, "n": 1})
     (bdir / "qemu-nbd").unlink()
     with pytest.raises(BuildError) as e:
-        C.collect(recipe, "debian12", bdir, out, {"n": 2})
+        C.collect(recipe, "debian12", bdir, out, {"recipe": recipe.name, "n": 2})
     assert "qemu-nbd" in e.value.message
     assert json.loads((out / "manifest.json").read_text())["n"] == 1
     assert [p.name for p in out.parent.iterdir()] == ["debian12"]
@@ -131,7 +131,7 @@ def test_missing_binary_leaves_no_out_dir(tmp_path, recipe):
     (bdir / "qemu-img").unlink()
     out = tmp_path / "out" / "fake-qemu" / "debian12"
     with pytest.raises(BuildError):
-        C.collect(recipe, "debian12", bdir, out, {})
+        C.collect(recipe, "debian12", bdir, out, {"recipe": recipe.name})
     assert not out.exists() and list(out.parent.iterdir()) == []
 
 
@@ -139,7 +139,7 @@ def test_missing_option_rom_is_a_warning(tmp_path, recipe, capsys):
     bdir = _built_tree(tmp_path)
     (bdir / "pc-bios" / "pxe-rtl8139.bin").unlink()
     out = tmp_path / "out" / "x"
-    m = C.collect(recipe, "debian12", bdir, out, {})
+    m = C.collect(recipe, "debian12", bdir, out, {"recipe": recipe.name})
     assert "pc-bios/pxe-rtl8139.bin" not in [a["source"] for a in m["artifacts"]]
     assert "pxe-rtl8139.bin" in capsys.readouterr().err
 

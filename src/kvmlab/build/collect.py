@@ -24,6 +24,7 @@ from kvmlab.core.elf import elf_needed
 from kvmlab.core.errors import BuildError
 from kvmlab.core.fsutil import json_sha256, read_json, replace_dir, sha256_file
 from kvmlab.core.stamps import Stamp
+from kvmlab.model.manifests import BuildManifest
 from kvmlab.model.recipe import Recipe
 
 DONE_FILE = ".kvmlab-built"  # in the build tree: the Stamp of the build that completed there
@@ -41,7 +42,9 @@ def publish(out: Path, fill: Callable[[Path], dict]) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        manifest = fill(tmp)
+        # through the typed record: what is written is what every reader (install, lab --check,
+        # the checks) can read back as a BuildManifest
+        manifest = BuildManifest.from_dict(fill(tmp)).to_dict()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         os.chmod(tmp, 0o755)
         replace_dir(tmp, out)

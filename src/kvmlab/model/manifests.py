@@ -145,8 +145,8 @@ class BuildManifest(Record):
             self.runtime_deps = [d if isinstance(d, RuntimeDep) else RuntimeDep.from_dict(d)
                                  for d in self.runtime_deps]
 
-    # native builds write no image keys; older builds no runtime_deps; qemu builds no kind
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("image", "image_id", "runtime_deps", "kind")
+    # older builds wrote no runtime_deps; qemu builds no kind
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("runtime_deps", "kind")
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
