@@ -12,10 +12,13 @@ unknown number is kept and shown raw (``0xae99``), never dropped.
 from __future__ import annotations
 
 import errno as errno_mod
+import fcntl
+import os
 from dataclasses import dataclass
 
-from kvmlab.host.kvmapi import KVMIO, _IOC_NONE, _IOC_READ, _IOC_WRITE, _ioc
+from kvmlab.host.kvmapi import _IOC_NONE, _IOC_READ, _IOC_WRITE, KVMIO, _ioc
 
+assert KVMIO == 0xAE  # include/uapi/linux/kvm.h: #define KVMIO 0xAE
 _IOC_RW = _IOC_READ | _IOC_WRITE
 
 
@@ -56,7 +59,7 @@ SIZES = {
     "kvm_irqfd": 32,                  # __u32 fd, gsi, flags, resamplefd; __u8 pad[16]
     "kvm_pit_config": 64,             # __u32 flags; __u32 pad[15]
     "kvm_ioeventfd": 64,              # __u64 datamatch, addr; __u32 len; __s32 fd; flags; pad[36]
-    "kvm_clock_data": 48,             # __u64 clock; __u32 flags; __u32 pad0; __u64 realtime, host_tsc; __u32 pad[4]
+    "kvm_clock_data": 48,             # __u64 clock; __u32 flags, pad0; __u64 realtime, host_tsc; pad[4]
     "kvm_regs": 144,                  # 18 x __u64
     "kvm_sregs": 312,                 # 8 segments, 2 dtables, cr*, efer, apic_base, bitmap
     "kvm_translation": 24,            # __u64 linear, physical; __u8 valid, writeable, usermode
@@ -70,11 +73,11 @@ SIZES = {
     "kvm_vapic_addr": 8,              # __u64 vapic_addr
     "kvm_mp_state": 4,                # __u32 mp_state
     "kvm_guest_debug": 72,            # __u32 control, pad; struct kvm_guest_debug_arch (8 x __u64)
-    "kvm_x86_mce": 64,                # __u64 status, addr, misc, mcg_status; __u8 bank, pad1[7]; __u64 pad2[3]
+    "kvm_x86_mce": 64,                # __u64 status, addr, misc, mcg_status; __u8 bank, pad1[7]; pad2[3]
     "kvm_vcpu_events": 64,
     "kvm_debugregs": 128,             # __u64 db[4], dr6, dr7, flags; reserved[9]
     "kvm_xsave": 4096,                # __u32 region[1024]
-    "kvm_xcrs": 392,                  # __u32 nr_xcrs, flags; struct kvm_xcr xcrs[16]; __u64 padding[16]
+    "kvm_xcrs": 392,                  # __u32 nr_xcrs, flags; kvm_xcr xcrs[16]; __u64 padding[16]
     "kvm_enable_cap": 104,            # __u32 cap, flags; __u64 args[4]; __u8 pad[64]
     "kvm_msi": 32,                    # __u32 address_lo, address_hi, data, flags, devid; pad[12]
     "kvm_one_reg": 16,                # __u64 id, addr
@@ -263,3 +266,21 @@ def decode(scope: str, number: int, arg: str) -> Decoded:
     if name in ("KVM_CREATE_VCPU", "KVM_SET_BOOT_CPU_ID"):
         return Decoded(name, True, f"vcpu {value}")
     return Decoded(name, True, arg)
+
+
+def pit_before_irqchip(dev: str = "/dev/kvm") -> int:
+    """What qemu-kvm 0.12's start asks first of a new VM (kvm_arch_create): KVM_CREATE_PIT before
+    any KVM_CREATE_IRQCHIP. 0 when the kernel accepts it, else the errno (ENOENT: this KVM wants
+    the in-kernel PIC first, so 0.12 gives KVM up). OSError: no /dev/kvm or no VM."""
+    kvm = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        vm = fcntl.ioctl(kvm, NUMBERS["KVM_CREATE_VM"], 0)
+        try:
+            fcntl.ioctl(vm, NUMBERS["KVM_CREATE_PIT"], 0)
+            return 0
+        except OSError as e:
+            return e.errno or -1
+        finally:
+            os.close(vm)
+    finally:
+        os.close(kvm)

@@ -214,7 +214,8 @@ def verdict(argv: list[str], events: list[TraceEvent]) -> dict[str, Any]:
                 else tracefacts.explain(failing.name, failing.errno))
         return {"status": "kvm-failed", "failing": failing, "meaning": fact.meaning,
                 "check_next": fact.check_next,
-                "verdict": f"KVM not used: {failing.name}({failing.argument}) = -1 "
+                "verdict": f"KVM not used: {failing.name}"
+                           f"({'' if failing.argument == '-' else failing.argument}) = -1 "
                            f"{failing.errno} on the {failing.fd} fd{_fallback(events)}"}
     return {"status": "undecided", "failing": None, "meaning": "",
             "check_next": "a longer --timeout, or a guest that runs longer",
