@@ -59,7 +59,7 @@ SIZES = {
     "kvm_irqfd": 32,                  # __u32 fd, gsi, flags, resamplefd; __u8 pad[16]
     "kvm_pit_config": 64,             # __u32 flags; __u32 pad[15]
     "kvm_ioeventfd": 64,              # __u64 datamatch, addr; __u32 len; __s32 fd; flags; pad[36]
-    "kvm_clock_data": 48,             # __u64 clock; __u32 flags, pad0; __u64 realtime, host_tsc; pad[4]
+    "kvm_clock_data": 48,             # __u64 clock; __u32 flags, pad0; __u64 realtime, tsc; ..
     "kvm_regs": 144,                  # 18 x __u64
     "kvm_sregs": 312,                 # 8 segments, 2 dtables, cr*, efer, apic_base, bitmap
     "kvm_translation": 24,            # __u64 linear, physical; __u8 valid, writeable, usermode
@@ -73,7 +73,7 @@ SIZES = {
     "kvm_vapic_addr": 8,              # __u64 vapic_addr
     "kvm_mp_state": 4,                # __u32 mp_state
     "kvm_guest_debug": 72,            # __u32 control, pad; struct kvm_guest_debug_arch (8 x __u64)
-    "kvm_x86_mce": 64,                # __u64 status, addr, misc, mcg_status; __u8 bank, pad1[7]; pad2[3]
+    "kvm_x86_mce": 64,                # __u64 status, addr, misc, mcg_status; __u8 bank; pads
     "kvm_vcpu_events": 64,
     "kvm_debugregs": 128,             # __u64 db[4], dr6, dr7, flags; reserved[9]
     "kvm_xsave": 4096,                # __u32 region[1024]
