@@ -79,3 +79,18 @@ def qemu_012(tmp_path_factory):
     if why:
         pytest.skip(why)
     return qemu012.build(qemu012.find_tarball(), tmp_path_factory.mktemp("qemu012"))
+
+
+@pytest.fixture(scope="session")
+def qemu_012_debug(tmp_path_factory):
+    """The qemu-kvm 0.12 debug flavour (invoke build --flavour debug: -O0 -g, unstripped),
+    built by kvmlab from the release tarball in a temporary state dir."""
+    from support import qemu012
+    why = qemu012.unavailable_reason() if not qemu012.find_tarball() else None
+    if why or qemu012.find_tarball() is None:
+        pytest.skip(why or "no qemu-kvm 0.12 tarball")
+    from support.build import docker_available
+    why = docker_available()
+    if why:
+        pytest.skip(f"cannot build the qemu-kvm 0.12 debug flavour: {why}")
+    return qemu012.build(qemu012.find_tarball(), tmp_path_factory.mktemp("qemu012dbg"), "debug")

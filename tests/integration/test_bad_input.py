@@ -63,6 +63,7 @@ BY_TASK_FLAG: dict[tuple[str, str], list[str]] = {
     ("lab", "hosts"): [MISSING, DIR, TEXT],
     ("install-bios", "timeout"): ["0"],
     ("doctor", "timeout"): ["0"],
+    ("trace-kvm", "timeout"): ["0"],
 }
 # What a flag needs besides itself for the task to get as far as the flag
 BASE_ARGS = {"create-image": ["--path", "@tmp/ok.qcow2"], "explain-exit": ["--code", "0x30"]}

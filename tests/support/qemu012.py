@@ -61,7 +61,7 @@ def from_env() -> Qemu012 | None:
     return Qemu012(q, img, f"KVMLAB_TEST_QEMU_012={value}")
 
 
-def build(tarball: Path, base: Path) -> Qemu012:
+def build(tarball: Path, base: Path, flavour: str = "release") -> Qemu012:
     """kvmlab's own build of the release tarball (debian12 builder) into state under ``base``.
 
     The builder image and the ccache volume are shared with other runs (docker objects named by
@@ -76,9 +76,10 @@ def build(tarball: Path, base: Path) -> Qemu012:
               "KVMLAB_DEBUG"):
         env.pop(k, None)
     p = subprocess.run([sys.executable, "-m", "invoke", "build", "--recipe", RECIPE,
-                        "--builder", "debian12", "--source", str(tarball), "--no-verify"],
+                        "--builder", "debian12", "--source", str(tarball), "--no-verify",
+                        "--flavour", flavour],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
-    out = state / "out" / RECIPE / "debian12" / "bin"
+    out = state / "out" / RECIPE / ("debian12-debug" if flavour == "debug" else "debian12") / "bin"
     if p.returncode != 0 or not (out / "qemu-system-x86_64").is_file():
         raise AssertionError(f"building {tarball} failed (exit {p.returncode}):\n"
                              f"{p.stdout[-3000:]}\n{p.stderr[-2000:]}")

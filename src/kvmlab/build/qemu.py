@@ -59,6 +59,30 @@ def _commands(recipe: Recipe, builder: str, jobs: int) -> tuple[list[str], list[
     return configure, make
 
 
+# `build --debug`: qemu-kvm 0.12's configure leaves -O2 out with --enable-debug (which also turns
+# stripping off and debug-tcg on; the last is noisy and slow, so it is turned off again), and
+# -O0 -g go into the one --extra-cflags; --disable-strip keeps `make install` from stripping.
+DEBUG_CONFIGURE = ["--enable-debug", "--disable-debug-tcg", "--disable-strip"]
+DEBUG_CFLAGS = "-O0 -g"
+DEBUG_SUFFIX = "-debug"
+
+
+def flavour_dir(builder: str, debug: bool) -> str:
+    """The name under out/<recipe>/ and work/<recipe>/build-*: ``<builder>`` or
+    ``<builder>-debug``, so a debug build never replaces the release build."""
+    return builder + (DEBUG_SUFFIX if debug else "")
+
+
+def debug_args(configure: list[str]) -> list[str]:
+    """Configure args of the debug flavour: -O0 -g merged into --extra-cflags, no strip."""
+    out, merged = [], False
+    for a in configure:
+        if a.startswith("--extra-cflags=") and not merged:
+            a, merged = f"{a} {DEBUG_CFLAGS}", True
+        out.append(a)
+    return out + ([] if merged else [f"--extra-cflags={DEBUG_CFLAGS}"]) + DEBUG_CONFIGURE
+
+
 def with_prefix_map(configure: list[str], bdir: Path) -> list[str]:
     """Configure args that make the build independent of where its tree lives: the build
     directory is mapped to "." in debug info, __FILE__ and macros (-ffile-prefix-map), merged into
@@ -201,19 +225,25 @@ class _Job:
     client: Any = None
     inputs: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    flavour: str = ""   # builder, or builder-debug (out/ and build tree names)
 
 
 def build(settings: Settings, recipe: Recipe | str, builder: str, *, jobs: int = 2,
           force: bool = False, source: str | Path | None = None, offline: bool = False,
           quiet: bool = False, timeout: float = DEFAULT_TIMEOUT,
-          prepared: pipeline.PreparedSource | None = None) -> BuildResult:
+          prepared: pipeline.PreparedSource | None = None, debug: bool = False) -> BuildResult:
     """Build a recipe with a builder (debian12, centos6 or native). See the module docstring.
 
+    debug: the -O0 -g, unstripped flavour in out/<recipe>/<builder>-debug/ (own build tree,
+    log and manifest, "flavour": "debug").
     prepared: the source as the caller already prepared it (lab: the patch step), so it is
     not fetched, hashed and checked a second time."""
     if isinstance(recipe, str):
         recipe = load_recipe(settings.recipes_dir, recipe)
     if recipe.kind == "kmod":
+        if debug:
+            raise BuildError(f"--debug builds qemu recipes only; {recipe.name} is a kmod recipe",
+                             hint="leave out --debug")
         return kmod.build_kmod(settings, recipe, builder, jobs=jobs, force=force,
                                source=source, offline=offline, quiet=quiet, timeout=timeout)
     recipe.builder(builder)  # RecipeError for an unknown builder
@@ -225,22 +255,25 @@ def build(settings: Settings, recipe: Recipe | str, builder: str, *, jobs: int =
         if prepared is None:
             prepared = pipeline.prepare(settings, recipe, builder, source=source,
                                         offline=offline)
-        job = _job(settings, recipe, builder, prepared, jobs, quiet, timeout)
+        job = _job(settings, recipe, builder, prepared, jobs, quiet, timeout, debug)
         recorded = None if force else collect.up_to_date(job.out, job.inputs)
         if recorded is not None:
-            ui.info(f"[cyan]no-op[/cyan]: {recipe.name} ({builder}) is up to date; "
+            ui.info(f"[cyan]no-op[/cyan]: {recipe.name} ({job.flavour}) is up to date; "
                     f"artifacts in {job.out}")
             return BuildResult(job.out, recorded, True)
         return _run(job, offline)
 
 
 def _job(settings: Settings, recipe: Recipe, builder: str, prepared: pipeline.PreparedSource,
-         jobs: int, quiet: bool, timeout: float) -> _Job:
+         jobs: int, quiet: bool, timeout: float, debug: bool = False) -> _Job:
     configure, make = _commands(recipe, builder, jobs)
+    if debug:
+        configure = debug_args(configure)
+    fl = flavour_dir(builder, debug)
     job = _Job(settings, recipe, builder, prepared, configure, make, _env(recipe, builder),
-               build_dir(settings, recipe.name, builder), settings.out(recipe.name, builder),
-               log_path(settings, recipe.name, builder), quiet, timeout,
-               name=container_name("build", recipe.name, builder))
+               build_dir(settings, recipe.name, fl), settings.out(recipe.name, fl),
+               log_path(settings, recipe.name, fl), quiet, timeout,
+               name=container_name("build", recipe.name, fl), flavour=fl)
     if builder != "native":
         # the image: docker/<builders.NAME.image> when the recipe names one (e.g. debian12-el6),
         # else docker/<builder>; its tag is known without docker unless its base is external
@@ -265,7 +298,7 @@ def _run(job: _Job, offline: bool) -> BuildResult:
                                    client=job.client)
         job.image_ref, job.image_id = info.ref, info.id
     job.settings.work(job.recipe.name).mkdir(parents=True, exist_ok=True)
-    ui.info(f"building {job.recipe.name} with {job.builder} "
+    ui.info(f"building {job.recipe.name} with {job.flavour} "
             f"({job.image_ref or 'host toolchain'}) in {job.bdir}; log: {job.log}")
     t0 = time.monotonic()
     sink = None
@@ -314,6 +347,7 @@ def _manifest(job: _Job, t0: float, timings: dict[str, float]) -> dict[str, Any]
     cfile = job.bdir / COMPILER_FILE
     return {
         "recipe": job.recipe.name, "recipe_sha256": job.recipe.sha256, "builder": job.builder,
+        "flavour": "debug" if job.flavour.endswith(DEBUG_SUFFIX) else "release",
         "image": job.image_ref, "image_id": job.image_id,
         "source_sha256": job.prepared.source_sha256,
         "patches": [{"name": p["name"], "sha256": p["sha256"]} for p in job.prepared.patches],
@@ -341,7 +375,7 @@ def _deps(job: _Job, manifest: dict, elves: list[tuple[str, Path, list[str]]]) -
         assert job.image_ref is not None
         text = deps.deps_container(job.client, job.image_ref, job.bdir, bins,
                                    job.settings.work(job.recipe.name) /
-                                   f"build-{job.builder}-deps.log", f"{job.name}-deps")
+                                   f"build-{job.flavour}-deps.log", f"{job.name}-deps")
     manifest["timings"]["deps"] = round(time.monotonic() - t_deps, 3)
     return deps.runtime_deps([(a, n) for a, _, n in elves], text)
 

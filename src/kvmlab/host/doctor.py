@@ -19,7 +19,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kvmlab.host import cpu, exits, kvmapi
+from kvmlab.host import cpu, exits, kvmapi, kvmioctl
 from kvmlab.host import modules as kmod
 from kvmlab.host.modules import ModulesResult, ModulesUnsupported  # noqa: F401  (re-exported API)
 from kvmlab.host.probe import (  # noqa: F401  (re-exported API: callers use kvmlab.host.doctor)
@@ -302,6 +302,25 @@ def _check_probe(p: KvmProbe) -> Check:
     return Check("probe guest", "fail", p.verdict, p.detail, hint, data=p.to_dict())
 
 
+def _check_qemu012(dev: str, api: Check) -> Check | None:
+    """Where the probe and qemu-kvm 0.12 disagree: the KVM API answers, but 0.12's first VM
+    call (KVM_CREATE_PIT before the irqchip) fails, so 0.12 falls back to TCG."""
+    if api.status != "ok":
+        return None
+    try:
+        err = kvmioctl.pit_before_irqchip(dev)
+    except OSError as e:
+        return Check("qemu-kvm 0.12 start", "unknown", "not tried", f"{dev}: {e.strerror}")
+    if err == 0:
+        return Check("qemu-kvm 0.12 start", "ok", "KVM_CREATE_PIT = 0",
+                     "KVM_CREATE_PIT before KVM_CREATE_IRQCHIP succeeds (0.12's order)")
+    name = errno_mod.errorcode.get(err, str(err))
+    return Check("qemu-kvm 0.12 start", "warn", f"KVM_CREATE_PIT = -1 {name}",
+                 "the KVM API answers, but qemu-kvm 0.12 would fall back to TCG: its "
+                 "kvm_arch_create asks for the PIT before the in-kernel irqchip",
+                 "see it call by call: invoke trace-kvm --qemu <a qemu-kvm 0.12 build>")
+
+
 def doctor(*, timeout: float = 10, dev: str = kvmapi.DEV_KVM) -> DoctorReport:
     """Run every host check and the probe guest; never raises for a failing check."""
     ident = cpu.cpu_identity()
@@ -312,6 +331,8 @@ def doctor(*, timeout: float = 10, dev: str = kvmapi.DEV_KVM) -> DoctorReport:
     checks = [_check_cpu(ident), _check_virt(ident, flags), _check_hypervisor(ident, flags),
               _check_firmware(ident), _check_vmx_caps(ident), *_check_modules(ident),
               _check_dev(dev), _check_api(dev)]
+    q012 = _check_qemu012(dev, checks[-1])
+    checks += [q012] if q012 else []
     probe = probe_kvm(timeout, dev)
     checks.append(_check_probe(probe))
     return DoctorReport(checks, probe, os.getuid())

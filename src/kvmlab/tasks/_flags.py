@@ -332,6 +332,7 @@ FLAGS: dict[str, FlagType] = {
     "memory": integer(16, 1 << 20, "MiB"),
     "timeout": seconds(zero_means_default=True),
     "accel": choice("auto", "kvm", "tcg"),
+    "flavour": choice("release", "debug"),   # build --flavour (trace-kvm --gdb wants debug)
     "mode": choice("copy", "symlink", "make-install"),
     "format": choice("qcow2", "raw"),
     "size": size(),
@@ -360,6 +361,8 @@ TASK_FLAGS: dict[tuple[str, str], Callable[[], FlagType]] = {
     ("uninstall", "step"): lambda: choice("install", "install-bios"),
     ("lab", "hosts"): existing_file,
     ("lab", "skip"): lambda: choices(*lab_steps.NAMES),   # the step registry's names
+    ("trace-kvm", "guest"): lambda: choice("tiny", "linux"),
+    ("trace-kvm", "timeout"): lambda: seconds(zero_means_default=False),
 }
 
 

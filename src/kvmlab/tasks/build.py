@@ -50,16 +50,20 @@ def images(ctx: Context, builder: str = "", force: bool = False) -> None:
             "jobs": "parallel make jobs", "force": "rebuild even if the inputs are unchanged",
             "source": "use this local tarball or directory instead of fetching",
             "offline": "no network: use only cached sources and existing images",
-            "no-verify": "skip the testinfra checks after the build"})
+            "no-verify": "skip the testinfra checks after the build",
+            "flavour": "release (default) or debug: -O0 -g, unstripped, in "
+                       "out/<recipe>/<builder>-debug/ (for trace-kvm --gdb)"})
 def build(ctx: Context, recipe: str = "", builder: str = "", jobs: int = 2, force: bool = False,
-          source: str = "", offline: bool = False, no_verify: bool = False) -> None:
+          source: str = "", offline: bool = False, no_verify: bool = False,
+          flavour: str = "release") -> None:
     """Configure + make the patched source in a builder container (or natively).
 
-    Artifacts and manifest.json go to out/<recipe>/<builder>/; unchanged inputs are a no-op.
+    Artifacts and manifest.json go to out/<recipe>/<builder>/ (--flavour debug:
+    out/<recipe>/<builder>-debug/); unchanged inputs are a no-op.
     """
     s = settings(ctx, recipe=recipe, builder=builder)
     res = build_mod.build(s, s.recipe, s.builder, jobs=jobs, force=force,
-                          source=source or None, offline=offline)
+                          source=source or None, offline=offline, debug=flavour == "debug")
     m = res.manifest
     rows = [(a["path"], a["kind"], a["size"], a["sha256"][:16]) for a in m.get("artifacts", [])]
     ui.table(f"{m.get('recipe')} ({m.get('builder')}): {res.out_dir}",
@@ -68,7 +72,9 @@ def build(ctx: Context, recipe: str = "", builder: str = "", jobs: int = 2, forc
         datadir = (m.get("config") or {}).get("datadir")
         ui.info(f"compiler: {m['compiler']}" +
                 (f"; firmware dir compiled in: {datadir}" if datadir else ""))
-    run_step_checks(s, "kmod" if m.get("kind") == "kmod" else "build", no_verify)
+    # the build checks look at the release layout (out/<recipe>/<builder>/)
+    run_step_checks(s, "kmod" if m.get("kind") == "kmod" else "build",
+                    no_verify or flavour == "debug")
 
 
 @task(help={"recipe": "recipe name (default from settings)",
