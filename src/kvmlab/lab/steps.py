@@ -195,7 +195,7 @@ def _boot_test(c: Ctx) -> StepOutcome:
                      disk=c.disk if c.disk.exists() else None, timeout=c.o.timeout)
     vm.write_last(c.s, [r])  # for `invoke verify --step boot`
     rec = {"guest": r.guest, "booted": r.booted, "accel": r.accel, "qemu_version": r.qemu_version,
-           "accel_reason": r.accel_reason}
+           "accel_reason": r.accel_reason, "kvm_exits": r.kvm_exits}
     if not r.booted:
         raise LabError(f"boot-test: {r.guest} guest did not boot: {r.failure}",
                        hint=f"serial log kept at {r.serial_log}:\n{r.serial_tail(10)}")
