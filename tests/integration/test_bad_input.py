@@ -58,6 +58,7 @@ BY_FLAG: dict[str, list[str]] = {
     "step": ["nope"],
     "hosts": ["ftp://host", "nope"],
     "skip": ["nope"],
+    "qemu_recipe": ["nope", TEXT],
 }
 BY_TASK_FLAG: dict[tuple[str, str], list[str]] = {
     ("lab", "hosts"): [MISSING, DIR, TEXT],

@@ -30,6 +30,7 @@ from kvmlab.core.elf import read_modinfo
 from kvmlab.core.errors import KvmlabError
 from kvmlab.host import exits
 from kvmlab.lab import steps as lab_steps
+from kvmlab.nested.record import CPU_MODELS, MODULE_SOURCES
 from kvmlab.qemu.binary import probe_qemu
 
 
@@ -360,6 +361,9 @@ TASK_FLAGS: dict[tuple[str, str], Callable[[], FlagType]] = {
     ("uninstall", "step"): lambda: choice("install", "install-bios"),
     ("lab", "hosts"): existing_file,
     ("lab", "skip"): lambda: choices(*lab_steps.NAMES),   # the step registry's names
+    ("nested", "modules"): lambda: choice(*MODULE_SOURCES),
+    ("nested", "cpu"): lambda: choice(*CPU_MODELS),
+    ("lab", "nested_cpu"): lambda: choice(*CPU_MODELS),
 }
 
 
