@@ -47,7 +47,7 @@ class ModuleLoaded:
     file: str                 # the .ko it came from (inside the lab VM)
     vermagic: str
     source: str               # built (our kmod build) / kernel package
-    srcversion: str = ""      # /sys/module/<name>/srcversion inside the lab VM
+    taint: str = ""           # /sys/module/<name>/taint inside (O: out of tree, E: unsigned)
 
 
 @dataclass

@@ -205,25 +205,24 @@ def _load_modules(ins: _Inside, o: NestedOptions, b: Builds) -> None:
         res = ins.json_of("load-modules", ["load-modules", "--json"])
     names = [n for n, st in res.get("state", {}).items() if st == "loaded"]
     deps = kmodules.external_depends(b.modules) if o.modules == "built" else ["irqbypass", "ccp"]
-    script = "; ".join(f"echo {n} $(cat /sys/module/{n}/srcversion 2>/dev/null) "
-                       f"$(modinfo -F vermagic {n} 2>/dev/null | tr ' ' _) "
-                       f"$(modinfo -n {n} 2>/dev/null)" for n in [*deps, *names])
+    script = "; ".join(f"echo {n} $(cat /sys/module/{n}/taint 2>/dev/null || echo -) "
+                       f"$(modinfo -n {n} 2>/dev/null || echo -) "
+                       f"$(modinfo -F vermagic {n} 2>/dev/null)" for n in [*deps, *names])
     p = ins.sh("load-modules", script)
     ours = {kmodules.module_name(k): k for k in b.modules}
     for line in p.stdout.splitlines():
-        parts = line.split()
-        if len(parts) < 2:
+        parts = line.split(None, 3)
+        if len(parts) < 3:
             continue
-        name, srcv = parts[0], parts[1]
+        name, taint, path = parts[:3]
         if o.modules == "built" and name in ours:
-            info = read_modinfo(ours[name])   # the built file's srcversion: the check compares
-            rec.modules.append(ModuleLoaded(name, f"{ROOT}/state/out/{o.recipe}/{o.builder}/"
-                                            f"{ours[name].name}", str(info.get("vermagic", "")),
-                                            "built", str(info.get("srcversion", ""))))
+            info = read_modinfo(ours[name])
+            rec.modules.append(ModuleLoaded(
+                name, f"{ROOT}/state/out/{o.recipe}/{o.builder}/{ours[name].name}",
+                str(info.get("vermagic", "")).strip(), "built", taint.strip("-")))
         else:
-            vm = parts[2].replace("_", " ") if len(parts) > 2 else ""
-            rec.modules.append(ModuleLoaded(name, parts[3] if len(parts) > 3 else "", vm,
-                                            "kernel package", srcv))
+            rec.modules.append(ModuleLoaded(name, path, parts[3].strip() if len(parts) > 3
+                                            else "", "kernel package", taint.strip("-")))
 
 
 def _modules_inside(ins: _Inside, o: NestedOptions, b: Builds) -> None:
@@ -271,8 +270,8 @@ def verify_inside(ins: _Inside, settings: Settings, o: NestedOptions) -> None:
     env = {**os.environ, **settings.env(), "KVMLAB_RECIPE": o.qemu_recipe,
            "KVMLAB_VERIFY_RESULTS": str(ins.dir / "last-boot.json"),
            "KVMLAB_VERIFY_NESTED_ROOT": ROOT,
-           "KVMLAB_VERIFY_NESTED_MODULES": json.dumps(
-               {m.name: m.srcversion for m in ins.rec.modules if m.source == "built"})}
+           "KVMLAB_VERIFY_NESTED_MODULES": ",".join(
+               m.name for m in ins.rec.modules if m.source == "built")}
     env.pop("PYTEST_CURRENT_TEST", None)
     p = proc.run([sys.executable, "-m", "kvmlab", "verify", "--step", "host,boot,nested",
                   "--hosts", ins.vm.host_spec()], timeout=ins.left("verify"), env=env,
