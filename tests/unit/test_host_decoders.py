@@ -300,9 +300,10 @@ def test_cpuinfo_fallback_parses_flags():
     assert "hypervisor" in flags and "vmx" not in flags and "svm" not in flags
 
 
-# CPUID of a guest of Debian's qemu 7.2 under TCG with -cpu max (the nested lab VM): SVM, no VMX
-TCG_MAX_LEAF1_ECX = 0xF6FA3203      # SSE3.., hypervisor (bit 31); bit 5 (VMX) clear
-TCG_MAX_EXT1_ECX = 0x00C003F7       # LAHF, CmpLegacy, SVM (bit 2), ExtApicSpace, ...
+# CPUID read by the doctor inside the nested lab VM (Debian's qemu 7.2, TCG, -cpu max:
+# "AuthenticAMD", "QEMU TCG CPU version 2.5+", family 15 model 107): SVM, no VMX
+TCG_MAX_LEAF1_ECX = 0xFED8320B      # hypervisor (bit 31) set; bit 5 (VMX) clear
+TCG_MAX_EXT1_ECX = 0x00000075       # LAHF, SVM (bit 2), ABM, SSE4A, ...
 INTEL_HOST_LEAF1_ECX = 0x7FFAFBFF   # a Skylake host: VMX (bit 5) set
 INTEL_HOST_EXT1_ECX = 0x00000121    # LAHF, LZCNT, PREFETCHW: no SVM
 
@@ -312,7 +313,7 @@ def test_backend_from_cpuid_tcg_max_explains_kvm_intel_refusal():
         b = cpu.kvm_backends(vendor, TCG_MAX_LEAF1_ECX, TCG_MAX_EXT1_ECX)
         assert (b["vmx"], b["svm"], b["module"]) == (False, True, "kvm_amd")
         assert set(b["refused"]) == {"kvm_intel"}
-        assert "VMX absent" in b["refused"]["kvm_intel"] and "0xf6fa3203" in b["refused"]["kvm_intel"]
+        assert "VMX absent" in b["refused"]["kvm_intel"] and "0xfed8320b" in b["refused"]["kvm_intel"]
         ident = {"vendor": vendor, "vmx": False, "svm": True,
                  "leaf1_ecx": TCG_MAX_LEAF1_ECX, "ext1_ecx": TCG_MAX_EXT1_ECX}
         assert cpu.module_vendor(ident) == "AuthenticAMD"

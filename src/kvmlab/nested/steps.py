@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import shlex
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -57,6 +59,7 @@ QEMU_INSIDE = "/usr/local/bin/qemu-system-x86_64"
 STEP_TIMEOUT = {"push": 120.0, "load-modules": 120.0, "doctor": 120.0, "install": 180.0,
                 "install-bios": 180.0, "boot-test": 240.0, "verify": 300.0}
 KEEP_RUNS = 10
+CPUINFO = "grep -m1 '^vendor_id' /proc/cpuinfo; grep -m1 '^flags' /proc/cpuinfo"
 Progress = Callable[[str], None]
 
 
@@ -113,6 +116,7 @@ class _Inside:
     def __init__(self, vm: LabVM, rec: NestedRecord, deadline: float):
         self.vm, self.rec, self.deadline = vm, rec, deadline
         self.dir = Path(rec.run_dir)
+        self.cpuinfo = ""          # the lab VM's vendor_id and flags lines (read while pushing)
 
     def left(self, step: str) -> float:
         left = self.deadline - time.monotonic()
@@ -164,27 +168,39 @@ def _timed(rec: NestedRecord, part: str) -> contextlib.AbstractContextManager[No
     return cm()
 
 
+def _push_tar(path: Path, settings: Settings, o: NestedOptions, b: Builds) -> None:
+    """One plain tar (the lab VM unpacks it under TCG: no gzip) with kvmlab's bundle (lib/,
+    recipes/, patches/) and state/out/<recipe>/<builder>/ of both builds."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(make_bundle(settings)), mode="r:gz") as src, \
+            tarfile.open(fileobj=buf, mode="w") as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+        for recipe, out in ((o.recipe, b.kmod_out), (o.qemu_recipe, b.qemu_out)):
+            dst.add(out, f"state/out/{recipe}/{o.builder}")
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def _push(ins: _Inside, settings: Settings, o: NestedOptions, b: Builds) -> None:
-    """kvmlab's bundle and the two build outputs into ROOT; kvmlab importable for testinfra."""
-    ins.sh("push", f"rm -rf {ROOT} && mkdir -p {ROOT}/state/out")
-    bundle = ins.dir / "bundle.tar.gz"
-    atomic_write_bytes(bundle, make_bundle(settings))
-    ins.vm.put(bundle, f"{ROOT}/bundle.tar.gz")
-    for recipe, out in ((o.recipe, b.kmod_out), (o.qemu_recipe, b.qemu_out)):
-        ins.vm.put(out, f"{ROOT}/state/out/{recipe}/{o.builder}")
+    """kvmlab's bundle and the two build outputs into ROOT (one copy, one unpack: every ssh
+    connection costs a key exchange under TCG); kvmlab importable there for testinfra."""
+    tar = ins.dir / "push.tar"
+    _push_tar(tar, settings, o, b)
+    ins.vm.put(tar, f"{ROOT}.tar")
+    tar.unlink()
     site = "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')"
-    p = ins.sh("push", f"tar -xzf {ROOT}/bundle.tar.gz -C {ROOT} && "
-                       f"mkdir -p {site} && echo {ROOT}/lib > {site}/kvmlab-nested.pth")
+    p = ins.sh("push", f"rm -rf {ROOT} && mkdir -p {ROOT} && tar -xf {ROOT}.tar -C {ROOT} && "
+                       f"rm {ROOT}.tar && d={site} && mkdir -p $d && "
+                       f"echo {ROOT}/lib > $d/kvmlab-nested.pth && " + CPUINFO)
+    ins.cpuinfo = p.stdout
     if p.returncode != 0:
         raise NestedError("cannot unpack kvmlab's bundle inside the lab VM",
                           hint=f"see {ins.dir / 'push.log'}")
-    bundle.unlink()
 
 
 def _cpu_inside(ins: _Inside, o: NestedOptions) -> None:
     """SVM (or VMX) in the lab VM's CPU, else one clear error naming --cpu."""
-    p = ins.sh("cpu", "grep -m1 '^vendor_id' /proc/cpuinfo; grep -m1 '^flags' /proc/cpuinfo")
-    text = p.stdout
+    text = ins.cpuinfo or ins.sh("cpu", CPUINFO).stdout
     flags = set(text.split("flags", 1)[-1].replace(":", " ").split())
     vendor = text.split(":", 1)[1].split("\n", 1)[0].strip() if ":" in text else "?"
     ins.rec.cpu = {"model": o.cpu, "vendor": vendor, "vmx": "vmx" in flags,
