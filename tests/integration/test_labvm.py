@@ -1,10 +1,13 @@
 """The lab VM, for real: the kmod recipe's Debian kernel (from apt) + the labvm initramfs (from
 docker) under Debian's qemu with TCG. Its sshd answers on 127.0.0.1, it has SVM, python3 runs,
-the kernel's own kvm_amd loads and /dev/kvm appears; without SVM (-cpu qemu64,-svm: qemu64 itself has svm under TCG) and with an /init
-that never starts sshd it is one clear error, and no qemu is left running either way."""
+the kernel's own kvm_amd loads and /dev/kvm appears; without SVM (-cpu qemu64,-svm: plain
+qemu64 has svm under TCG) and with an /init that never starts sshd it is one clear error, and no
+qemu is left running either way."""
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -62,7 +65,7 @@ def test_lab_vm_runs_the_kmod_kernel_with_svm_and_loads_kvm_amd(lab, tmp_path):
         cp = vm.run("modprobe kvm_amd && test -c /dev/kvm && stat -c %t:%T /dev/kvm",
                     timeout=120)
         assert cp.returncode == 0 and cp.stdout.strip() == "a:e8", cp.stderr
-        assert "kvm" in vm.dmesg() and vm.run("mountpoint -q /sys/kernel/debug",
+        assert "kvm" in vm.dmesg() and (vm.run_dir / "dmesg.txt").is_file() and vm.run("mountpoint -q /sys/kernel/debug",
                                               timeout=30).returncode == 0
         f = tmp_path / "hello.txt"
         f.write_text("hi\n")
@@ -71,6 +74,12 @@ def test_lab_vm_runs_the_kmod_kernel_with_svm_and_loads_kvm_amd(lab, tmp_path):
         import testinfra
         host = testinfra.get_host(vm.host_spec())
         assert host.file("/dev/kvm").exists and host.check_output("uname -r") == k.release
+        # `kvmlab verify --hosts` takes the lab VM's host spec as it is
+        cp = subprocess.run([sys.executable, "-m", "kvmlab", "verify", "--step", "host",
+                             "--hosts", vm.host_spec()], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, **s.env()})
+        assert "test_dev_kvm_is_the_kvm_char" in cp.stdout, cp.stdout + cp.stderr
+        assert "failed" not in cp.stdout and "error" not in cp.stdout, cp.stdout
         assert vm.times.launch_to_sshd > 0 and vm.times.guest_uptime > 0
         assert "ssh -F" in vm.ssh_command() and "root@127.0.0.1" in vm.ssh_command()
         assert (vm.run_dir / "qemu.cmd").read_text().count("127.0.0.1") == 1
@@ -99,4 +108,37 @@ def test_guest_without_sshd_is_killed_at_the_timeout(lab):
         pytest.fail("sshd answered")
     assert "did not answer within 25 s" in ei.value.message
     assert "serial.log" in (ei.value.hint or "")
+    assert not _qemu_running(f"kvmlab-labvm-{run_id}")
+
+
+CHILD = """
+import sys, time
+from kvmlab.core.settings import load_settings
+from kvmlab.nested.kernel import Kernel
+from kvmlab.nested.rootfs import Rootfs
+from kvmlab.nested.labvm import LabVM
+from pathlib import Path
+s = load_settings({"state_dir": sys.argv[1], "cache": sys.argv[2]})
+k = Kernel(sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]), "")
+r = Rootfs(Path(sys.argv[6]), "", "", (), 0)
+with LabVM.boot(s, k, r, timeout=240, run_id=sys.argv[7]) as vm:
+    print("READY", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_sigterm_kills_the_lab_vm(lab):
+    s, k, r = lab
+    run_id = new_run_id()
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(s.state_dir), str(s.cache), k.release, str(k.vmlinuz),
+         str(k.modules_dir), str(r.path), run_id], stdout=subprocess.PIPE, text=True,
+        env=os.environ.copy())
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "READY"
+        assert _qemu_running(f"kvmlab-labvm-{run_id}")
+        child.terminate()
+        child.wait(timeout=60)
+    finally:
+        child.kill()
     assert not _qemu_running(f"kvmlab-labvm-{run_id}")

@@ -116,7 +116,8 @@ def test_rootfs_has_the_image_files_modules_under_usr_lib_extras_and_our_init(tm
     extra = tmp_path / "bundle.tar"
     extra.write_bytes(b"bundle")
     out = tmp_path / "root.cpio"
-    write_rootfs(out, fs, tmp_path / "mods", b"#!/bin/sh\necho ours\n", {"/opt/kvmlab/b.tar": extra})
+    write_rootfs(out, fs, tmp_path / "mods", b"#!/bin/sh\necho ours\n",
+                 {"/opt/kvmlab/b.tar": extra})
     e = {x.name: x for x in read_newc(out.read_bytes())}
     assert e["usr/bin/perl5.36"].data == b"#!perl\n"          # a hard link becomes a copy
     assert e["usr/lib/modules/6.1.0-50-amd64/kernel/kvm.ko"].data == b"\x7fELF"

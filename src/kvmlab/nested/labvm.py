@@ -133,9 +133,12 @@ class LabVM:
                   f"root@127.0.0.1:{remote}"], timeout=timeout, check=True,
                  what=f"copying {local} into the lab VM")
 
-    def dmesg(self, timeout: float = 60) -> str:
-        """The lab VM's kernel log."""
-        return str(self.run("dmesg", timeout=timeout, check=True).stdout)
+    def dmesg(self, timeout: float = 60, save: bool = True) -> str:
+        """The lab VM's kernel log (``save``: also kept as <run dir>/dmesg.txt)."""
+        text = str(self.run("dmesg", timeout=timeout, check=True).stdout)
+        if save:
+            atomic_write_bytes(self.run_dir / "dmesg.txt", text.encode())
+        return text
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
