@@ -41,6 +41,7 @@ BY_TYPE: dict[str, list[str]] = {
     "DIRS": [MISSING, TEXT],
     "ROOT": [TEXT, TEXT + "/sub"],
     "SIZE": ["abc", "0", "-1G", "10X"],
+    "CPU": ["", "max;reboot", "-svm", "max,,svm"],
 }
 # Values a flag's own meaning refuses beyond its type (a text file is not a kernel, ...)
 BY_FLAG: dict[str, list[str]] = {

@@ -16,8 +16,6 @@ from kvmlab.core.errors import KvmlabError
 from kvmlab.core.fsutil import atomic_write_json
 
 MODULE_SOURCES = ("built", "distro")
-# the lab VM's -cpu: max has SVM under TCG; the others are there to see the refusal
-CPU_MODELS = ("max", "EPYC", "qemu64", "kvm64", "Skylake-Client")
 DEFAULT_KMOD_RECIPE = "kvm-kmod-6.1"
 DEFAULT_QEMU_RECIPE = "qemu-kvm-0.12.1.2"
 DEFAULT_TIMEOUT = 600.0
