@@ -51,7 +51,7 @@ def show(rec: NestedRecord) -> None:
         ("modules loaded", mods),
         ("vermagic", "; ".join(sorted({m.vermagic for m in rec.modules if m.source == "built"}))),
         ("doctor inside", rec.verdict),
-        ("KVM backend", rec.backend[:160]),
+        ("KVM backend", rec.backend),
         ("nested boot", f"{rec.qemu_version}: accel {rec.accel}, {rec.kvm_exits} KVM exits, "
                         f"marker after {rec.nested_seconds or 0:.2f} s"),
         ("checks", ", ".join(f"{k} {v}" for k, v in rec.verified.items())),
