@@ -41,6 +41,7 @@ BY_TYPE: dict[str, list[str]] = {
     "DIRS": [MISSING, TEXT],
     "ROOT": [TEXT, TEXT + "/sub"],
     "SIZE": ["abc", "0", "-1G", "10X"],
+    "CPU": ["", "max;reboot", "-svm", "max,,svm"],
 }
 # Values a flag's own meaning refuses beyond its type (a text file is not a kernel, ...)
 BY_FLAG: dict[str, list[str]] = {
@@ -58,6 +59,7 @@ BY_FLAG: dict[str, list[str]] = {
     "step": ["nope"],
     "hosts": ["ftp://host", "nope"],
     "skip": ["nope"],
+    "qemu_recipe": ["nope", TEXT],
 }
 BY_TASK_FLAG: dict[tuple[str, str], list[str]] = {
     ("lab", "hosts"): [MISSING, DIR, TEXT],

@@ -298,3 +298,38 @@ def test_cpuinfo_fallback_parses_flags():
     kv, flags = cpu.cpuinfo_flags(text)
     assert kv["vendor_id"] == "AuthenticAMD" and kv["cpu family"] == "25"
     assert "hypervisor" in flags and "vmx" not in flags and "svm" not in flags
+
+
+# CPUID read by the doctor inside the nested lab VM (Debian's qemu 7.2, TCG, -cpu max:
+# "AuthenticAMD", "QEMU TCG CPU version 2.5+", family 15 model 107): SVM, no VMX
+TCG_MAX_LEAF1_ECX = 0xFED8320B      # hypervisor (bit 31) set; bit 5 (VMX) clear
+TCG_MAX_EXT1_ECX = 0x00000075       # LAHF, SVM (bit 2), ABM, SSE4A, ...
+INTEL_HOST_LEAF1_ECX = 0x7FFAFBFF   # a Skylake host: VMX (bit 5) set
+INTEL_HOST_EXT1_ECX = 0x00000121    # LAHF, LZCNT, PREFETCHW: no SVM
+
+
+def test_backend_from_cpuid_tcg_max_explains_kvm_intel_refusal():
+    for vendor in ("AuthenticAMD", "GenuineIntel"):   # TCG may show either vendor string
+        b = cpu.kvm_backends(vendor, TCG_MAX_LEAF1_ECX, TCG_MAX_EXT1_ECX)
+        assert (b["vmx"], b["svm"], b["module"]) == (False, True, "kvm_amd")
+        assert set(b["refused"]) == {"kvm_intel"}
+        assert "VMX absent" in b["refused"]["kvm_intel"] and "0xfed8320b" in b["refused"]["kvm_intel"]
+        ident = {"vendor": vendor, "vmx": False, "svm": True,
+                 "leaf1_ecx": TCG_MAX_LEAF1_ECX, "ext1_ecx": TCG_MAX_EXT1_ECX}
+        assert cpu.module_vendor(ident) == "AuthenticAMD"
+        c = host.check_backend(ident, {"kvm": "loaded", "kvm_amd": "loaded",
+                                       "kvm_intel": "available"})
+        assert c.status == "ok" and c.value.startswith("kvm_amd")
+        assert "kvm_intel: VMX absent" in c.explanation and "SVM" in c.value
+
+
+def test_backend_from_cpuid_intel_host_and_none():
+    b = cpu.kvm_backends("GenuineIntel", INTEL_HOST_LEAF1_ECX, INTEL_HOST_EXT1_ECX)
+    assert b["module"] == "kvm_intel" and set(b["refused"]) == {"kvm_amd"}
+    ident = {"vendor": "GenuineIntel", "vmx": False, "svm": False, "leaf1_ecx": 0xFFFA3203,
+             "ext1_ecx": 0x121}
+    c = host.check_backend(ident, {})
+    assert c.status == "fail" and set(c.data["refused"]) == {"kvm_intel", "kvm_amd"}
+    c = host.check_backend({**ident, "vmx": True, "leaf1_ecx": INTEL_HOST_LEAF1_ECX},
+                           {"kvm_intel": "available"})
+    assert c.status == "warn" and "invoke load-modules" in c.hint

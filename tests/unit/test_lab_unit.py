@@ -99,7 +99,8 @@ def test_lock_written_before_the_step_registry_is_still_checked(kvmlab_env):
 def test_one_step_registry_names_checks_and_controller_steps(kvmlab_env):
     from kvmlab.lab import steps, verify
     assert steps.NAMES == ("fetch", "patch", "images", "build", "install", "install-bios",
-                           "load-modules", "doctor", "create-image", "guest", "boot-test")
+                           "load-modules", "doctor", "create-image", "guest", "boot-test",
+                           "nested")   # lab --nested (skipped without it)
     assert steps.check_of("doctor") == steps.check_of("load-modules") == "host"
     assert steps.check_of("boot-test") == "boot" and steps.check_of("kmod") == "kmod"
     assert lab.VERIFIED_STEPS == ("fetch", "patch", "build", "install", "host", "boot")

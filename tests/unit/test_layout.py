@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "kvmlab"
-ORDER = ["core", "model", "source", "build", "qemu", "install", "host", "boot", "lab", "checks",
-         "tasks"]
+ORDER = ["core", "model", "source", "build", "qemu", "install", "host", "boot", "nested", "lab",
+         "checks", "tasks"]
 TOP = {"__init__", "__main__", "cli"}          # the package's entry points sit above every room
 # optional or heavy third-party packages, imported only by the steps that use them (rich's
 # progress bars only while downloading; pytest only inside `verify`)

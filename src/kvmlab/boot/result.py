@@ -32,6 +32,7 @@ class BootResult:
     disk_qemu_img: str = ""       # the qemu-img that made or read the disk (its checks use it)
     powered_off: bool = False     # qemu exited by itself after the marker
     evidence: str = ""            # user ISO: what showed that the boot loader ran
+    kvm_exits: int | None = None  # KVM exits counted during the boot (debugfs); None: unreadable
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

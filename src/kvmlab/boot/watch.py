@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from kvmlab.boot.iso import ElTorito, loader_evidence
+from kvmlab.boot.kvmstat import ExitCounter
 from kvmlab.boot.marker import parse_facts
 from kvmlab.boot.result import BootResult
 from kvmlab.core.errors import VMError
@@ -29,6 +30,8 @@ def run(qb: QemuBinary, cmd: list[str], result: BootResult, *, monitor: Path, er
         want: str, accel: str, timeout: float, eltorito: ElTorito | None) -> None:
     """Boot ``cmd`` (a paused qemu with its monitor on ``monitor``) and fill in ``result``."""
     result.serial_log.touch()
+    exits = ExitCounter()
+    exits.start()
     t0 = time.monotonic()
     deadline = t0 + timeout
     with launch.running(cmd, sock=monitor, qmp=qb.uses_qmp, stderr=errlog,
@@ -42,8 +45,21 @@ def run(qb: QemuBinary, cmd: list[str], result: BootResult, *, monitor: Path, er
             raise q.did_not_start(e) from None
         _check_accel(q, result, kvm, want=want, accel=accel)
         q.monitor.cont()
-        _watch(q, result, eltorito, t0=t0, deadline=deadline, timeout=timeout)
+        _watch(q, result, eltorito, t0=t0, deadline=deadline, timeout=timeout, exits=exits)
+        exits.sample(force=True)
         _after(q, result, eltorito, deadline)
+    result.kvm_exits = exits.delta
+    _check_exits(result, accel)
+
+
+def _check_exits(result: BootResult, accel: str) -> None:
+    """--accel kvm: the monitor said KVM, so KVM's own exit counter (when readable) must have
+    moved; a boot without a single KVM exit did not run under KVM."""
+    if accel == "kvm" and result.accel == "kvm" and result.booted and result.kvm_exits == 0:
+        raise VMError("--accel kvm: the monitor says KVM is enabled but KVM counted no VM exits "
+                      "during the boot (/sys/kernel/debug/kvm/exits did not move)",
+                      hint="the guest did not run under this kernel's KVM; `invoke doctor` "
+                           "explains; use --accel auto or tcg")
 
 
 def _check_accel(q: launch.Running, result: BootResult, kvm: bool, *, want: str,
@@ -71,7 +87,7 @@ def _booted(result: BootResult, t0: float, evidence: str = "") -> None:
 
 
 def _watch(q: launch.Running, result: BootResult, eltorito: ElTorito | None, *, t0: float,
-           deadline: float, timeout: float) -> None:
+           deadline: float, timeout: float, exits: ExitCounter) -> None:
     """Poll the serial log until the marker (a user ISO: its loader's evidence), qemu's exit,
     a KVM internal error (VMError) or the deadline (qemu killed)."""
     marker = result.marker.encode()
@@ -82,6 +98,7 @@ def _watch(q: launch.Running, result: BootResult, eltorito: ElTorito | None, *, 
         while True:
             chunk = sf.read()
             buf += chunk
+            exits.sample(force=bool(chunk and marker in buf))
             if chunk and marker in buf:
                 return _booted(result, t0)
             if eltorito is not None and time.monotonic() - t0 > ISO_CHECK_EVERY * (iso_checks + 1):

@@ -156,3 +156,23 @@ def _remove(client: Any, container: Any, name: str) -> None:
         pass
     except Exception as e:  # noqa: BLE001 - report but do not mask the original error
         ui.warn(f"could not remove container {name}: {e}")
+
+
+def export_image_fs(client: Any, image: str, dest: Path, *, name: str) -> None:
+    """Write the filesystem of ``image`` as a tar file ``dest`` (atomically): a container is
+    created (never started), exported and removed whatever happens."""
+    from docker.errors import APIError
+    container = None
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        container = client.containers.create(image, ["/bin/true"], name=name,
+                                              labels={LABEL: "1"})
+        with open(tmp, "wb") as f:
+            for chunk in container.export(chunk_size=1 << 20):
+                f.write(chunk)
+        os.replace(tmp, dest)
+    except APIError as e:
+        raise DockerError(f"docker could not export {image}: {e.explanation or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+        _remove(client, container, name)

@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,26 +180,30 @@ def local_base_name(dockerfile: Path) -> str | None:
     return None
 
 
-def image_inputs(settings: Settings, builder: str, client: Any | None = None) -> tuple[dict, str]:
+def image_inputs(settings: Settings, builder: str, client: Any | None = None,
+                 buildargs: Mapping[str, str] | None = None) -> tuple[dict, str]:
     """(inputs, base reference) of a builder image. Images on the local debootstrap base
     (debian12 and its variants) need no docker: the base tag is a hash of its own inputs; an
-    external base (centos6: centos:6) contributes the id of the local image."""
+    external base (centos6: centos:6) contributes the id of the local image. Extra build
+    arguments (``buildargs``, e.g. the labvm's EXTRA_PACKAGES) are inputs too."""
     d = docker_dir(settings, builder)
     local = local_base_name(d / "Dockerfile")
+    extra = {"buildargs": dict(sorted(buildargs.items()))} if buildargs else {}
     if local:
         base = base_ref(local)
-        return {"builder": builder, "files": dir_hash(d), "base": base}, base
+        return {"builder": builder, "files": dir_hash(d), "base": base, **extra}, base
     base = dockerfile_base_default(d / "Dockerfile") or CENTOS6_DEFAULT_BASE
     if client is None:
         client = docker_client()
     img = find_image(client, base)
     return {"builder": builder, "files": dir_hash(d), "base": base,
-            "base_id": img.id if img else None}, base
+            "base_id": img.id if img else None, **extra}, base
 
 
-def image_ref(settings: Settings, builder: str, client: Any | None = None) -> tuple[str, str]:
+def image_ref(settings: Settings, builder: str, client: Any | None = None,
+              buildargs: Mapping[str, str] | None = None) -> tuple[str, str]:
     """(repository, tag) the builder image has for the current inputs."""
-    inputs, _ = image_inputs(settings, builder, client)
+    inputs, _ = image_inputs(settings, builder, client, buildargs)
     return IMAGE_REPO.format(builder=builder), _sha(inputs)[:16]
 
 
@@ -400,15 +404,17 @@ def _stream_build(client: Any, ctx: Path, ref: str, buildargs: dict[str, str], l
 
 
 def ensure_image(settings: Settings, builder: str, *, force: bool = False,
-                 client: Any | None = None, quiet: bool = False) -> ImageInfo:
-    """The builder image kvmlab/<builder>:<inputs hash>, built from docker/<builder>/ if missing."""
+                 client: Any | None = None, quiet: bool = False,
+                 buildargs: Mapping[str, str] | None = None) -> ImageInfo:
+    """The builder image kvmlab/<builder>:<inputs hash>, built from docker/<builder>/ if missing
+    (``buildargs``: extra ARG values, part of the tag)."""
     if builder == "native" or not (settings.docker_dir / builder / "Dockerfile").is_file():
         raise DockerError(f"builder {builder!r} has no image",
                           hint="image builders: " + ", ".join(IMAGE_BUILDERS) +
                           ("" if builder == "native" else "; or `--builder native`"))
     client = client or docker_client()
     ctx = docker_dir(settings, builder)
-    repo, tag = image_ref(settings, builder, client)
+    repo, tag = image_ref(settings, builder, client, buildargs)
     ref = f"{repo}:{tag}"
     img = find_image(client, ref)
     if img is not None and not force:
@@ -433,7 +439,8 @@ def ensure_image(settings: Settings, builder: str, *, force: bool = False,
     echo = (lambda ln: None) if quiet else \
         (lambda ln: print(ln, flush=True) if ln.strip() else None)
     with proc.sigterm_as_interrupt():
-        _stream_build(client, ctx, ref, {"BASE": base_name}, log, nocache=force, echo=echo)
+        _stream_build(client, ctx, ref, {**(buildargs or {}), "BASE": base_name}, log,
+                      nocache=force, echo=echo)
     img = find_image(client, ref)
     if img is None:
         raise DockerError(f"docker build finished but {ref} does not exist", hint=f"see {log}")

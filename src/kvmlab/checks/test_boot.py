@@ -97,3 +97,10 @@ def test_disk_image_valid(host, kvmlab_settings, verify_env):
             checked += 1
     if not checked:
         pytest.skip("no disk image in the checked runs")
+
+
+def test_kvm_boot_counted_kvm_exits(host, kvmlab_settings, verify_env):
+    """A boot the monitor says ran under KVM moved KVM's exit counter, where it was readable."""
+    for r in _results(kvmlab_settings, verify_env):
+        if r.get("accel") == "kvm" and r.get("booted") and r.get("kvm_exits") is not None:
+            assert r["kvm_exits"] > 0, f"{r['name']}: KVM said enabled but counted no exits"

@@ -158,10 +158,8 @@ def cpu_identity() -> dict[str, Any]:
         fam, mod, step = family_model(r1.eax)
         info.update(family=fam, model=mod, stepping=step, **decode_leaf1(r1.ecx))
         info["leaf1_ecx"] = r1.ecx
-        if rx.eax >= 0x80000001:
-            info.update(decode_ext1(cpuid(0x80000001)[0].ecx))
-        else:
-            info["svm"] = False
+        info["ext1_ecx"] = cpuid(0x80000001)[0].ecx if rx.eax >= 0x80000001 else 0
+        info.update(decode_ext1(info["ext1_ecx"]))
         if rx.eax >= 0x80000004:
             raw = b"".join(struct.pack("<4I", *(lambda c: (c.eax, c.ebx, c.ecx, c.edx))(
                 cpuid(leaf)[0])) for leaf in (0x80000002, 0x80000003, 0x80000004))
@@ -183,6 +181,39 @@ def cpu_identity() -> dict[str, Any]:
                 "vmx": "vmx" in flags, "svm": "svm" in flags, "smx": "smx" in flags,
                 "hypervisor": "hypervisor" in flags, "hypervisor_vendor": None,
                 "hypervisor_signature": None}
+
+
+def kvm_backends(vendor: str, leaf1_ecx: int, ext1_ecx: int) -> dict[str, Any]:
+    """Which KVM vendor module can work on this CPU, from CPUID alone (not from the vendor
+    string: under emulation, e.g. qemu TCG ``-cpu max``, the vendor and the extension offered
+    need not match): kvm_intel needs VMX (CPUID.1:ECX[5]), kvm_amd needs SVM
+    (CPUID.80000001h:ECX[2]). Returns {"vmx", "svm", "module" (or None), "refused": {module:
+    why}} where "refused" explains each module the kernel will refuse to load."""
+    vmx, svm = decode_leaf1(leaf1_ecx)["vmx"], decode_ext1(ext1_ecx)["svm"]
+    refused: dict[str, str] = {}
+    if not vmx:
+        refused["kvm_intel"] = (f"VMX absent: CPUID.1:ECX = {leaf1_ecx:#010x}, bit 5 (VMX) is 0, "
+                                "so kvm_intel refuses to load (\"kvm: no hardware support for "
+                                "'kvm_intel'\", EOPNOTSUPP)")
+    if not svm:
+        refused["kvm_amd"] = (f"SVM absent: CPUID.80000001h:ECX = {ext1_ecx:#010x}, bit 2 (SVM) "
+                              "is 0, so kvm_amd refuses to load (\"kvm: no hardware support for "
+                              "'kvm_amd'\")")
+    module = "kvm_intel" if vmx and (not svm or vendor != "AuthenticAMD") else \
+        ("kvm_amd" if svm else None)
+    return {"vmx": vmx, "svm": svm, "vendor": vendor, "module": module, "refused": refused}
+
+
+def module_vendor(ident: dict[str, Any]) -> str:
+    """The vendor whose KVM module fits the extension CPUID offers: AuthenticAMD when only SVM
+    is there (whatever the vendor string says), GenuineIntel when only VMX is, else the
+    vendor string."""
+    vmx, svm = bool(ident.get("vmx")), bool(ident.get("svm"))
+    if svm and not vmx:
+        return "AuthenticAMD"
+    if vmx and not svm:
+        return "GenuineIntel"
+    return str(ident.get("vendor", ""))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def _check_vmx_caps(ident: dict[str, Any]) -> Check:
 def _check_modules(ident: dict[str, Any]) -> list[Check]:
     rep = kmod.modules_report()
     mods = rep.modules
-    vendor_mod = kmod.VENDOR_MODULE.get(ident.get("vendor", ""), "")
+    vendor_mod = kmod.VENDOR_MODULE.get(cpu.module_vendor(ident), "")
     summary = ", ".join(f"{n} {m.state}" for n, m in mods.items())
     backends = [n for n in ("kvm_intel", "kvm_amd", "kvm_pvm") if mods[n].present()]
     if not mods["kvm"].present():
@@ -237,6 +237,27 @@ def _check_modules(ident: dict[str, Any]) -> list[Check]:
                       if nested else ""),
                      data={n: m.params for n, m in mods.items() if m.params}))
     return out
+
+
+def check_backend(ident: dict[str, Any], states: dict[str, str]) -> Check:
+    """Which vendor module fits this CPU, from CPUID (kvmlab.host.cpu.kvm_backends), and why
+    the other one is refused: e.g. under qemu TCG ``-cpu max`` (SVM, no VMX) kvm_intel cannot
+    load whatever the vendor string says. ``states``: module -> loaded/built-in/available/absent."""
+    b = cpu.kvm_backends(str(ident.get("vendor", "")), int(ident.get("leaf1_ecx") or
+                                                           (0x20 if ident.get("vmx") else 0)),
+                         int(ident.get("ext1_ecx") or (0x4 if ident.get("svm") else 0)))
+    mod = b["module"]
+    why = "; ".join(f"{m}: {text}" for m, text in b["refused"].items())
+    ext = " and ".join(n for n, on in (("VMX", b["vmx"]), ("SVM", b["svm"])) if on) or "neither"
+    data = {**b, "states": dict(states)}
+    if mod is None:
+        return Check("KVM backend", "fail", "none: neither VMX nor SVM in CPUID", why,
+                     "enable nested virtualization on the outer host, or use TCG", data=data)
+    value = f"{mod} (CPUID offers {ext}; vendor {b['vendor']})"
+    present = states.get(mod) in ("loaded", "built-in")
+    return Check("KVM backend", "ok" if present else "warn", value,
+                 f"{mod} is {states.get(mod, 'absent')}" + (f"; {why}" if why else ""),
+                 "" if present else f"load {mod}: invoke load-modules", data=data)
 
 
 def _check_dev(dev: str) -> Check:
@@ -329,8 +350,10 @@ def doctor(*, timeout: float = 10, dev: str = kvmapi.DEV_KVM) -> DoctorReport:
     except OSError:
         flags = set()
     checks = [_check_cpu(ident), _check_virt(ident, flags), _check_hypervisor(ident, flags),
-              _check_firmware(ident), _check_vmx_caps(ident), *_check_modules(ident),
-              _check_dev(dev), _check_api(dev)]
+              _check_firmware(ident), _check_vmx_caps(ident), *_check_modules(ident)]
+    states = (checks[-2].data or {}).get("modules") or {}
+    checks += [check_backend(ident, {n: m.get("state", "absent") for n, m in states.items()}),
+               _check_dev(dev), _check_api(dev)]
     q012 = _check_qemu012(dev, checks[-1])
     checks += [q012] if q012 else []
     probe = probe_kvm(timeout, dev)
@@ -343,7 +366,8 @@ def load_modules(ko: list[str] | None = None, *, unload: bool = False) -> Module
 
     Raises ModulesUnsupported (a HostError) on a kernel without loadable-module support, other
     HostErrors with the kernel log's reason; see kvmlab.host.modules for the details."""
-    vendor = cpu.cpu_identity().get("vendor", "")
+    # the module follows the extension CPUID offers (SVM only -> kvm_amd), not the vendor string
+    vendor = cpu.module_vendor(cpu.cpu_identity())
     if unload:
         return kmod.unload_modules(vendor)
     return kmod.load_modules(vendor, ko)

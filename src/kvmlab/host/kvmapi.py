@@ -273,6 +273,9 @@ def _setup_vcpu(kvm: int, code: bytes, nonce: int, rec: dict[str, Any], fds: lis
     rec["stage"] = "mmap guest memory"
     mem = mmap.mmap(-1, GUEST_MEM_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    # kept until the VM is closed: garbage-collected here, the mapping would be gone before
+    # KVM_RUN (EFAULT) -- seen the first time the probe ran on a KVM that runs guests
+    maps.append(mem)
     mem[GUEST_LOAD_ADDR:GUEST_LOAD_ADDR + len(code)] = code
     addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
     rec["stage"] = "KVM_SET_USER_MEMORY_REGION"

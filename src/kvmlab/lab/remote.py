@@ -23,14 +23,13 @@ import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from invoke.exceptions import CommandTimedOut, UnexpectedExit
 
-import kvmlab
 from kvmlab.core import ui
+from kvmlab.core.bundle import make_bundle
 from kvmlab.core.errors import LabError
 from kvmlab.core.fsutil import atomic_write_bytes
 from kvmlab.core.settings import Settings
@@ -41,8 +40,6 @@ from kvmlab.lab.steps import LabOptions
 # the steps the controller does once for every host (the registry's controller steps)
 HOST_STEPS_SKIP = steps.CONTROLLER_STEPS
 REMOTE_ROOT = "/var/tmp/kvmlab-remote"
-# controller-only packages (ssh client side) are not shipped to the hosts
-CONTROLLER_ONLY = {"fabric", "paramiko"}
 
 
 @dataclass(frozen=True)
@@ -106,57 +103,7 @@ def parse_inventory(path: Path) -> list[HostSpec]:
 
 
 # ---------------------------------------------------------------------------------------------
-# the bundle: kvmlab + the packages it imports, as files (extension modules work, unlike zipapps)
-
-
-def _closure(dist_name: str) -> list[metadata.Distribution]:
-    seen: dict[str, metadata.Distribution] = {}
-    todo = [dist_name]
-    while todo:
-        name = re.split(r"[\s<>=!~;\[(]", todo.pop(), maxsplit=1)[0].lower().replace("_", "-")
-        if name in seen or name in CONTROLLER_ONLY:
-            continue
-        try:
-            d = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            continue
-        seen[name] = d
-        for req in d.requires or []:
-            if "extra ==" in req:
-                continue
-            todo.append(req)
-    return list(seen.values())
-
-
-def _top_levels(d: metadata.Distribution) -> set[str]:
-    tops: set[str] = set()
-    for f in d.files or []:
-        first = f.parts[0]
-        if first.endswith((".dist-info", ".egg-info", ".pth")) or first in ("..", "__pycache__"):
-            continue
-        if len(f.parts) == 1 and not first.endswith((".py", ".so")):
-            continue
-        tops.add(first)
-    return tops
-
-
-def make_bundle(settings: Settings) -> bytes:
-    """A tar.gz: lib/<packages>, recipes/, patches/ (kvmlab from this checkout)."""
-    buf = io.BytesIO()
-    skip = lambda ti: None if "__pycache__" in ti.name or ti.name.endswith(".pyc") else ti  # noqa: E731
-    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tar:
-        tar.add(Path(kvmlab.__file__).parent, "lib/kvmlab", filter=skip)
-        for d in _closure("kvmlab"):
-            if d.metadata["Name"].lower() == "kvmlab":
-                continue
-            for top in sorted(_top_levels(d)):
-                src = Path(str(d.locate_file(top)))
-                if src.exists():
-                    tar.add(src, f"lib/{top}", filter=skip)
-        tar.add(settings.recipes_dir, "recipes", filter=skip)
-        if settings.patches_dir.is_dir():
-            tar.add(settings.patches_dir, "patches", filter=skip)
-    return buf.getvalue()
+# the bundle: kvmlab.core.bundle.make_bundle (also what the nested lab VM gets)
 
 
 def _out_tarball(settings: Settings, recipe: str, builder: str) -> bytes:

@@ -160,6 +160,7 @@ def make_lock(c: Ctx) -> dict[str, Any]:
         build=r.get("build", {}), installed=steps.installed_map(r),
         firmware_dirs=r.get("install-bios", {}).get("search_dirs", []),
         host_facts=r.get("doctor", {}).get("facts", {}), boot=r.get("boot-test", {}),
+        nested=r.get("nested") or None,
         manifests={k: r.get(k, {}).get("manifest") for k in ("install", "install-bios")},
         options={k: v for k, v in asdict(c.o).items() if k not in ("force",)},
     ).to_dict()

@@ -27,6 +27,8 @@ from kvmlab.core.fsutil import read_json, sha256_file
 from kvmlab.core.settings import Settings
 from kvmlab.host import doctor as host
 from kvmlab.model.recipe import Recipe, load_recipe
+from kvmlab.nested import steps as nested_steps
+from kvmlab.nested.record import NestedOptions
 from kvmlab.source import fetch, prepare
 
 
@@ -47,6 +49,8 @@ class LabOptions:
     skip: tuple[str, ...] = ()
     timeout: float | None = None   # boot-test timeout
     install_deps: bool = False     # install: apt-get the runtime libraries the host lacks
+    nested: bool = False           # last step: the nested KVM lab (kvmlab.nested.steps)
+    nested_cpu: str = "max"
 
 
 @dataclass
@@ -195,13 +199,26 @@ def _boot_test(c: Ctx) -> StepOutcome:
                      disk=c.disk if c.disk.exists() else None, timeout=c.o.timeout)
     vm.write_last(c.s, [r])  # for `invoke verify --step boot`
     rec = {"guest": r.guest, "booted": r.booted, "accel": r.accel, "qemu_version": r.qemu_version,
-           "accel_reason": r.accel_reason}
+           "accel_reason": r.accel_reason, "kvm_exits": r.kvm_exits}
     if not r.booted:
         raise LabError(f"boot-test: {r.guest} guest did not boot: {r.failure}",
                        hint=f"serial log kept at {r.serial_log}:\n{r.serial_tail(10)}")
     secs = f"{r.seconds:.2f}s" if r.seconds is not None else "?"
     return StepOutcome("boot-test", "ok", figure=f"{r.guest}: booted under {r.accel} in {secs}",
                        record=rec)
+
+
+def _nested(c: Ctx) -> StepOutcome:
+    """`lab --nested`: this recipe's build boots the tiny guest under KVM inside a lab VM with
+    the kvm-kmod modules we built loaded (kvmlab.nested.steps); the record goes into the lock."""
+    if not c.o.nested:
+        return StepOutcome("nested", "skipped", figure="without --nested")
+    o = NestedOptions(qemu_recipe=c.recipe.name, builder=c.o.builder, cpu=c.o.nested_cpu)
+    rec = nested_steps.run_nested(c.s, o)
+    return StepOutcome("nested", "ok",
+                       figure=f"{rec.kernel.get('release')}: {rec.verdict}, nested boot under "
+                              f"{rec.accel} ({rec.kvm_exits} KVM exits) in "
+                              f"{rec.times.total:.0f}s", record=rec.lock_entry())
 
 
 def _installed_files(manifest_path: Path) -> dict[str, str]:
@@ -285,6 +302,8 @@ STEPS: tuple[Step, ...] = (
     Step("create-image", _create_image),
     Step("guest", _guest),
     Step("boot-test", _boot_test, check="boot", inputs=_boot_test_inputs),
+    # its checks run against the lab VM while it is up (kvmlab/checks/test_nested.py)
+    Step("nested", _nested),
 )
 NAMES: tuple[str, ...] = tuple(s.name for s in STEPS)
 CONTROLLER_STEPS: tuple[str, ...] = tuple(s.name for s in STEPS if s.controller)

@@ -202,7 +202,7 @@ class InstallManifest(Record):
 class LabLock(Record):
     SCHEMA: ClassVar[int] = 1
     KIND: ClassVar[str] = "lab lock"
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("image", "boot")
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("image", "boot", "nested")
     SORTED: ClassVar[bool] = True
     schema: int = 1
     host: str = ""
@@ -218,6 +218,7 @@ class LabLock(Record):
     firmware_dirs: list[str] = field(default_factory=list)
     host_facts: dict[str, Any] = field(default_factory=dict)
     boot: dict[str, Any] | None = None
+    nested: dict[str, Any] | None = None      # lab --nested: kvmlab.nested.record.NestedRecord
 
     def _check(self) -> None:
         if not isinstance(self.installed, dict) or not isinstance(self.recipe, dict):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import stat as st_mod
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from kvmlab.core.elf import read_modinfo
 from kvmlab.core.errors import KvmlabError
 from kvmlab.host import exits
 from kvmlab.lab import steps as lab_steps
+from kvmlab.nested.record import MODULE_SOURCES
 from kvmlab.qemu.binary import probe_qemu
 
 
@@ -307,6 +309,17 @@ def _read_only(p: Path) -> bool:
         return False
 
 
+def cpu_model() -> FlagType:
+    """A qemu -cpu value: a model name with optional +feature/-feature/key=value items."""
+    def parse(raw: str) -> str:
+        if not re.fullmatch(r"[A-Za-z][\w.-]*(,[+-]?[A-Za-z][\w.-]*(=[\w.-]+)?)*", raw):
+            raise FlagValueError(f"{raw!r} is not a qemu CPU model",
+                                 "e.g. max (TCG emulates SVM there), qemu64,-svm, EPYC; "
+                                 "qemu-system-x86_64 -cpu help lists them")
+        return raw
+    return FlagType("CPU", "a qemu -cpu model", parse, "max")
+
+
 def size() -> FlagType:
     def parse(raw: str) -> str:
         if image_mod.parse_size(raw) <= 0:
@@ -363,6 +376,9 @@ TASK_FLAGS: dict[tuple[str, str], Callable[[], FlagType]] = {
     ("lab", "skip"): lambda: choices(*lab_steps.NAMES),   # the step registry's names
     ("trace-kvm", "guest"): lambda: choice("tiny", "linux"),
     ("trace-kvm", "timeout"): lambda: seconds(zero_means_default=False),
+    ("nested", "modules"): lambda: choice(*MODULE_SOURCES),
+    ("nested", "cpu"): cpu_model,
+    ("lab", "nested_cpu"): cpu_model,
 }
 
 

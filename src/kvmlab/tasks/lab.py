@@ -31,12 +31,15 @@ from ._common import settings, task
     "timeout": "boot-test timeout in seconds",
     "install_deps": "let install apt-get the runtime libraries the build needs and the host lacks",
     "no_verify": "skip the testinfra checks at the end",
+    "nested": "last step: the nested KVM lab (invoke nested) with this recipe's build",
+    "nested_cpu": "--nested: the lab VM's -cpu model",
 })
 def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", hosts: str = "",
         prefix: str = "", destdir: str = "", source: str = "", offline: bool = False,
         jobs: int = 2, guest: str = "tiny", qemu: str = "", skip: str = "",
         resume: bool = False, check: bool = False, force: bool = False, timeout: float = 0,
-        install_deps: bool = False, no_verify: bool = False) -> None:
+        install_deps: bool = False, no_verify: bool = False, nested: bool = False,
+        nested_cpu: str = "max") -> None:
     """The whole pipeline (fetch ... boot-test), recorded in lab.lock.json; --check compares."""
     s = settings(ctx, recipe=recipe, builder=builder)
     if check:
@@ -53,7 +56,8 @@ def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", 
         recipe=s.recipe, builder=s.builder, accel=accel, prefix=prefix or None,
         destdir=destdir or None, source=source or None, offline=offline, jobs=jobs, guest=guest,
         qemu=qemu or None, force=force, skip=tuple(x for x in skip.split(",") if x),
-        timeout=timeout or None, install_deps=install_deps)
+        timeout=timeout or None, install_deps=install_deps, nested=nested,
+        nested_cpu=nested_cpu)
     if hosts:
         remote.run_hosts(s, opts, hosts)
         return

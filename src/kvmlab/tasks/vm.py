@@ -119,6 +119,8 @@ def boot_test(ctx: Context, qemu: str = "", accel: str = "auto", guest: str = ""
         detail = r.evidence or (f"kernel {facts.get('kernel')}, clocksource "
                                 f"{facts.get('clocksource')}, uptime {facts.get('uptime')} s"
                                 if facts else "")
+        if r.kvm_exits is not None:
+            detail += f"; {r.kvm_exits} KVM exits"
         rows.append((r.guest, r.qemu_version, r.accel, "yes" if r.booted else "fail", secs,
                      "; ".join(r.warnings) or "-", detail))
     ui.table("boot-test", ["guest", "qemu", "accel", "booted", "seconds", "warnings", "detail"],
