@@ -181,15 +181,22 @@ def existing_path() -> FlagType:
                     lambda raw: _existing(raw, "any"), "PATH")
 
 
-def dir_list() -> FlagType:
+def _path_list(metavar: str, describe: str, noun: str, check: Callable[[str], object],
+               example: str) -> FlagType:
+    """A comma-separated list of paths, each one checked."""
     def parse(raw: str) -> str:
         items = [x for x in raw.split(",") if x.strip()]
         if not items:
-            raise FlagValueError("no directory given", "give comma-separated directories")
+            raise FlagValueError(f"no {noun} given", f"give comma-separated {noun}s")
         for x in items:
-            _existing(x, "dir")
+            check(x)
         return ",".join(items)
-    return FlagType("DIRS", "comma-separated existing directories", parse, "/usr/share/seabios")
+    return FlagType(metavar, describe, parse, example)
+
+
+def dir_list() -> FlagType:
+    return _path_list("DIRS", "comma-separated existing directories", "directory",
+                      lambda x: _existing(x, "dir"), "/usr/share/seabios")
 
 
 def program(check: Callable[[str], None] | None = None, example: str = "PATH") -> FlagType:
@@ -212,21 +219,14 @@ def _check_qemu_img(path: str) -> None:
                              "give the path of a qemu-img binary")
 
 
-def _check_module(path: str) -> None:
+def _module_file(path: str) -> None:
+    _existing(path, "file")
     read_modinfo(path)
 
 
 def modules() -> FlagType:
-    def parse(raw: str) -> str:
-        items = [x for x in raw.split(",") if x.strip()]
-        if not items:
-            raise FlagValueError("no module file given", "give comma-separated .ko files")
-        for x in items:
-            _existing(x, "file")
-            _check_module(x)
-        return ",".join(items)
-    return FlagType("FILES", "comma-separated kernel module files (.ko)", parse,
-                    "kvm.ko,kvm-amd.ko")
+    return _path_list("FILES", "comma-separated kernel module files (.ko)", "module file",
+                      _module_file, "kvm.ko,kvm-amd.ko")
 
 
 def _content(check: Callable[[Path], None], metavar: str, what: str, example: str) -> FlagType:
