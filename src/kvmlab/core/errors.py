@@ -16,6 +16,12 @@ class KvmlabError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.report: dict[str, object] = {}   # what the task found, shown with it under --json
+
+    def with_report(self, report: dict[str, object]) -> KvmlabError:
+        """This error carrying the task's report: under --json one document holds both."""
+        self.report = dict(report)
+        return self
 
     def __str__(self) -> str:  # pragma: no cover - trivial
         return self.message if not self.hint else f"{self.message} (hint: {self.hint})"

@@ -31,7 +31,6 @@ def doctor(ctx: Context, json_: bool = False, timeout: float = 10) -> None:
 
 
 # invoke turns a parameter named json_ into --json
-doctor.help["json_"] = doctor.help.pop("json")
 
 
 @task(help={"ko": "comma-separated .ko files to insmod (kvm.ko first) instead of modprobe",
@@ -60,7 +59,6 @@ def load_modules(ctx: Context, ko: str = "", from_: str = "", unload: bool = Fal
         run_step_checks(settings(ctx), "load-modules", no_verify or json_)
 
 
-load_modules.help["json_"] = load_modules.help.pop("json")
 load_modules.help["from_"] = load_modules.help.pop("from")
 
 
@@ -86,4 +84,3 @@ def explain_exit(ctx: Context, code: str | None = None, kind: str = "auto",
     ui.info(f"check next: {e.next_steps}")
 
 
-explain_exit.help["json_"] = explain_exit.help.pop("json")
