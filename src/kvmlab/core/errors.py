@@ -6,6 +6,9 @@ tracebacks are shown only with ``--debug`` / ``KVMLAB_DEBUG=1``.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class KvmlabError(Exception):
     """Base class: a user-facing error with an optional hint."""
@@ -16,9 +19,9 @@ class KvmlabError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
-        self.report: dict[str, object] = {}   # what the task found, shown with it under --json
+        self.report: dict[str, Any] = {}   # what the task found, shown with it under --json
 
-    def with_report(self, report: dict[str, object]) -> KvmlabError:
+    def with_report(self, report: Mapping[str, Any]) -> KvmlabError:
         """This error carrying the task's report: under --json one document holds both."""
         self.report = dict(report)
         return self

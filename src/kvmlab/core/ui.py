@@ -7,6 +7,7 @@ Colour follows ``NO_COLOR`` (rich reads it) and ``--no-color`` (``set_color(Fals
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -52,15 +53,31 @@ def set_color(on: bool) -> None:
         c.no_color = not on
 
 
+_json_out: Any = None   # the real stdout while json_mode() is on
+
+
 def json_mode() -> None:
-    """Human output to stderr from now on: stdout is for the one JSON document."""
+    """Human output to stderr from now on, down to the file descriptor (child processes and
+    streamed build logs too): stdout is for the one JSON document (``emit_json``)."""
+    global _json_out
+    if _json_out is not None:
+        return
+    sys.stdout.flush()
+    try:
+        saved = os.dup(sys.stdout.fileno())
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        _json_out = os.fdopen(saved, "w", encoding="utf-8")
+    except (AttributeError, OSError, ValueError):   # no real descriptors (embedded use)
+        _json_out = sys.stdout
+        sys.stdout = sys.stderr
     console.file = sys.stderr
 
 
 def emit_json(doc: Any) -> None:
     """The one JSON document of a --json run, on the real stdout."""
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    out = _json_out if _json_out is not None else sys.stdout
+    out.write(json.dumps(doc, indent=2, default=str) + "\n")
+    out.flush()
 
 
 def _plain(cell: str) -> str:
