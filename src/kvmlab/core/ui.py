@@ -48,9 +48,12 @@ def styled(status: str) -> str:
 
 
 def set_color(on: bool) -> None:
-    """--no-color: no colour codes on either stream (NO_COLOR does the same through rich)."""
-    for c in (console, err_console):
-        c.no_color = not on
+    """--no-color / NO_COLOR: no escape codes at all on either stream (no colour, no bold)."""
+    global console, err_console
+    if on:
+        return
+    console = Console(highlight=False, color_system=None, file=console.file)
+    err_console = Console(stderr=True, highlight=False, color_system=None)
 
 
 _json_out: Any = None   # the real stdout while json_mode() is on
@@ -70,7 +73,8 @@ def json_mode() -> None:
     except (AttributeError, OSError, ValueError):   # no real descriptors (embedded use)
         _json_out = sys.stdout
         sys.stdout = sys.stderr
-    console.file = sys.stderr
+    global console
+    console = Console(highlight=False, file=sys.stderr, color_system=console.color_system)
 
 
 def emit_json(doc: Any) -> None:

@@ -5,6 +5,7 @@ from invoke import Context
 
 from kvmlab.core import ui
 from kvmlab.core.errors import LabError
+from kvmlab.core.records import to_jsonable
 from kvmlab.lab import remote, steps
 from kvmlab.lab import runner as lab_mod
 from kvmlab.lab import verify as verify_mod
@@ -60,7 +61,9 @@ def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", 
         qemu=qemu or None, force=force, skip=tuple(x for x in skip.split(",") if x),
         timeout=timeout or None, install_deps=install_deps)
     if hosts:
-        remote.run_hosts(s, opts, hosts)
+        per_host = remote.run_hosts(s, opts, hosts)
+        if json_:
+            ui.emit_json({"hosts": [to_jsonable(h) for h in per_host]})
         return
     with ui.console.status("lab") as status:
         res = lab_mod.run_lab(s, opts, resume=resume,

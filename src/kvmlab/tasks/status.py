@@ -47,12 +47,12 @@ def status(ctx: Context, recipe: str = "", builder: str = "", json_: bool = Fals
     last boot-test and doctor verdict, and what `lab` would do next. Writes nothing."""
     s, sources = settings_with_sources(ctx, recipe=recipe, builder=builder)
     st = status_mod.status(s, sources)
-    if json_:
-        ui.emit_json(st.to_dict())
-    else:
+    if not json_:
         _show(st)
     bad = st.invalid_recipes
     if bad:
         raise RecipeError(f"{len(bad)} invalid recipe(s): {bad[0].detail}",
                           hint="fix the recipe file named above (`invoke recipes` lists them)"
-                          ).with_report(st.to_dict() if json_ else {})
+                          ).with_report(st.to_dict())
+    if json_:
+        ui.emit_json(st.to_dict())
