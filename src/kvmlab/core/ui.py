@@ -73,8 +73,7 @@ def json_mode() -> None:
     except (AttributeError, OSError, ValueError):   # no real descriptors (embedded use)
         _json_out = sys.stdout
         sys.stdout = sys.stderr
-    global console
-    console = Console(highlight=False, file=sys.stderr, color_system=console.color_system)
+    console.file = sys.stderr
 
 
 def emit_json(doc: Any) -> None:
