@@ -162,6 +162,15 @@ def test_json_errors_are_one_document(tmp_path, name):
     assert plain and plain[-1] == "error: " + doc["error"]
 
 
+def test_json_bad_flag_value_is_a_document_too(tmp_path):
+    env = _env(tmp_path)
+    r = _invoke(env, "fetch", "--timeout", "abc", "--json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["error"].startswith("--timeout: ") and doc["hint"]
+    assert r.stderr.splitlines()[-2] == "error: " + doc["error"]
+
+
 def test_json_success_documents(tmp_path):
     env = _env(tmp_path)
     tarball = make_fake_qemu_tarball(tmp_path / "src", name=RECIPE)
