@@ -183,7 +183,9 @@ def _next_of(s: Settings, recipe: Recipe, c: steps.Ctx, step: steps.Step) -> Nex
         rec = fetch.read_fetch_stamp(s, recipe)
         if rec and Path(str(rec.get("path", ""))).exists():
             return NextStep(n, "recorded", f"{rec.get('file')} in {rec.get('path')}")
-        return NextStep(n, "runs", "not fetched yet")
+        cached = sorted(s.sources_cache.glob(f"*/{recipe.source.file}"))
+        return NextStep(n, "runs", f"{cached[0]} is in the cache: checked, not downloaded"
+                        if cached else "not fetched yet: downloads")
     if n == "patch":
         p = prepare.patch_stamp_path(s, recipe)
         return NextStep(n, "recorded", str(p)) if p.is_file() else \
