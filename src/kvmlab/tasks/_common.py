@@ -157,10 +157,10 @@ def task(*args: Any, **kwargs: Any) -> Callable:
                 raise Exit(code=130) from None
         kwargs.setdefault("auto_shortflags", False)  # keep -h for help
         kwargs.setdefault("klass", KvmlabTask)
-        if "json_" in params:
-            helps = kwargs.setdefault("help", {})
-            helps["json_"] = helps.pop("json", None) or helps.pop("json_", None) or \
-                "print one JSON document on stdout (errors too: {\"error\", \"hint\"})"
+        helps = kwargs.setdefault("help", {})
+        if "json_" in params and "json" not in helps and "json_" not in helps:
+            helps["json_"] = "print one JSON document on stdout (errors too: " \
+                             "{\"error\": ..., \"hint\": ...})"
         return invoke_task(*args, **kwargs)(wrapper)
 
     if len(args) == 1 and callable(args[0]) and not kwargs:

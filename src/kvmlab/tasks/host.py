@@ -38,6 +38,10 @@ def doctor(ctx: Context, json_: bool = False, timeout: float = 10, strict: bool 
                     ).with_report(rep.to_dict() if json_ else {})
 
 
+# invoke turns a parameter named json_ into --json
+doctor.help["json_"] = doctor.help.pop("json")
+
+
 @task(help={"ko": "comma-separated .ko files to insmod (kvm.ko first) instead of modprobe",
             "from": "the out/ directory of a kmod build (invoke build --recipe kvm-kmod-6.1)",
             "unload": "rmmod the modules instead (refused while VMs use KVM)",
@@ -64,6 +68,7 @@ def load_modules(ctx: Context, ko: str = "", from_: str = "", unload: bool = Fal
         run_step_checks(settings(ctx), "load-modules", no_verify or json_)
 
 
+load_modules.help["json_"] = load_modules.help.pop("json")
 load_modules.help["from_"] = load_modules.help.pop("from")
 
 
@@ -89,3 +94,4 @@ def explain_exit(ctx: Context, code: str | None = None, kind: str = "auto",
     ui.info(f"check next: {e.next_steps}")
 
 
+explain_exit.help["json_"] = explain_exit.help.pop("json")

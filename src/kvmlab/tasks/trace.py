@@ -39,6 +39,7 @@ def trace_kvm(ctx: Context, qemu: str = "", guest: str = "tiny", disk: str = "",
         _show(r)
 
 
+trace_kvm.help["json_"] = trace_kvm.help.pop("json")
 
 
 def _show(r: TraceReport) -> None:
