@@ -82,10 +82,16 @@ def test_probe_main_prints_json():
 
 def test_doctor_json_cli(cli, kvmlab_env):
     r = cli("doctor", "--json", timeout=120)
-    assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     p = host.probe_kvm(timeout=20)
     assert d["verdict"] == p.verdict and d["usable"] == p.usable
+    # the exit status says whether KVM can run guests here; under --json the error is in the doc
+    assert r.returncode == (0 if p.usable else 1), r.stderr
+    if not p.usable:
+        assert d["error"].startswith("KVM cannot run guests here") and d["hint"]
+    lenient = cli("doctor", "--json", "--no-strict", timeout=120)
+    assert lenient.returncode == 0, lenient.stderr
+    assert "error" not in json.loads(lenient.stdout)
     names = [c["name"] for c in d["checks"]]
     for n in ("CPU", "virtualization extensions", "hypervisor", "kvm modules", "/dev/kvm",
               "KVM API", "probe guest"):
@@ -118,8 +124,13 @@ def test_doctor_facts_are_stable_and_true():
 
 def test_doctor_table_cli(cli, kvmlab_env):
     r = cli("doctor", timeout=120, env={"COLUMNS": "200"})
-    assert r.returncode == 0, r.stderr
+    usable = host.probe_kvm(timeout=20).usable
+    assert r.returncode == (0 if usable else 1), r.stderr
     assert "verdict:" in r.stdout and "probe guest" in r.stdout
+    if not usable:   # one error line + hint, after the table
+        assert r.stderr.splitlines()[-2].startswith("error: KVM cannot run guests here")
+        assert r.stderr.splitlines()[-1].startswith("hint: ")
+    assert cli("doctor", "--no-strict", timeout=120).returncode == 0
 
 
 def _nobody_python() -> str | None:

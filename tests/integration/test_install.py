@@ -488,10 +488,9 @@ def test_path_prefix_binaries_found_on_path(env, cli, tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     assert cli("install", "--prefix", str(prefix)).returncode == 0
     assert cli("install-bios", "--prefix", str(prefix), "--no-verify").returncode == 0
-    r = cli("verify", "--step", "install")
+    r = cli("verify", "--step", "install", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
-    rows = {ln.split("│")[2].strip(): ln.split("│")[3].strip()
-            for ln in r.stdout.splitlines() if ln.count("│") >= 4}
+    rows = {x["name"]: x["status"] for x in json.loads(r.stdout)["results"]}
     assert rows["test_binaries_on_path"] == "passed"
     assert rows["test_firmware_in_every_search_dir"] == "passed"
     assert rows["test_qemu_binaries_answer_version"] == "passed"

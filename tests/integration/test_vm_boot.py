@@ -131,11 +131,14 @@ def test_tiny_boot_test_cli_with_checks(kvmlab_env, cli):
 
 
 def test_dry_run_prints_command_and_starts_nothing(kvmlab_env, cli):
+    assert cli("guest", "--kind", "tiny").returncode == 0
     p = cli("boot-test", "--qemu", QEMU, "--accel", "tcg", "--guest", "tiny", "--dry-run")
     assert p.returncode == 0, p.stderr
     line = p.stdout.strip().splitlines()[-1]
-    assert line.startswith(QEMU) and "-serial file:" in line and "-no-reboot" in line
-    assert not (kvmlab_env.state_dir / "vm" / "last-boot.json").exists()
+    # a command to paste: serial console on the terminal, not paused, no socket or run dir
+    assert line.startswith(QEMU) and "-serial stdio" in line and "-no-reboot" in line
+    assert " -S" not in line and "snapshot=on" in line
+    assert not (kvmlab_env.state_dir / "vm").exists()
 
 
 def test_existing_image_refused_without_force(kvmlab_env, cli, tmp_path):

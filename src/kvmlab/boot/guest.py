@@ -138,12 +138,16 @@ def _publish(tmp: Path, final: Path, kind: str) -> None:
 
 
 def _cached(settings: Settings, kind: str, inputs: dict[str, Any], force: bool,
-            make: Callable[[Path], dict[str, str]]) -> Guest:
+            make: Callable[[Path], dict[str, str]], build: bool = True) -> Guest:
     """The cached guest for ``inputs``, or one made by ``make(tmp_dir)`` (which writes its files
-    there and returns {"disk"/"kernel"/...: file name, "cmdline": ...}), published atomically."""
+    there and returns {"disk"/"kernel"/...: file name, "cmdline": ...}), published atomically.
+    ``build=False`` (a dry run): the cached one or VMError, nothing is made."""
     final = _guest_dir(settings, kind, inputs)
     if not force and (g := _load(final, kind, inputs)):
         return g
+    if not build:
+        raise VMError(f"the {kind} test guest is not in the cache yet ({final})",
+                      hint=f"`invoke guest --kind {kind}` makes it; a dry run writes nothing")
     final.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(final, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=final.parent))
@@ -163,7 +167,7 @@ def _cached(settings: Settings, kind: str, inputs: dict[str, Any], force: bool,
 # The three kinds
 # --------------------------------------------------------------------------------------------
 
-def make_tiny(settings: Settings, force: bool = False) -> Guest:
+def make_tiny(settings: Settings, force: bool = False, build: bool = True) -> Guest:
     sector = boot_sector()
     inputs = {"kind": "tiny", "v": GUEST_FORMAT_VERSION,
               "sector": hashlib.sha256(sector).hexdigest()}
@@ -173,11 +177,11 @@ def make_tiny(settings: Settings, force: bool = False) -> Guest:
         (tmp / "disk.raw").write_bytes(sector + bytes(64 * 1024 - 512))
         (tmp / "bootsector.lst").write_text(boot_sector_listing() + "\n")
         return {"disk": "disk.raw"}
-    return _cached(settings, "tiny", inputs, force, make)
+    return _cached(settings, "tiny", inputs, force, make, build)
 
 
 def make_linux(settings: Settings, kernel: str | Path | None = None, init_script: str | None = None,
-               force: bool = False) -> Guest:
+               force: bool = False, build: bool = True) -> Guest:
     k = find_kernel(kernel)
     bb = find_busybox()
     init = init_script if init_script is not None else DEFAULT_INIT
@@ -195,7 +199,7 @@ def make_linux(settings: Settings, kernel: str | Path | None = None, init_script
             (tmp / "vmlinux").write_bytes(elf)
             files["vmlinux"] = "vmlinux"
         return files
-    return _cached(settings, "linux", inputs, force, make)
+    return _cached(settings, "linux", inputs, force, make, build)
 
 
 GRUB_CFG = """\
@@ -225,8 +229,8 @@ def _grub_mkrescue() -> str:
 
 
 def make_iso(settings: Settings, kernel: str | Path | None = None, init_script: str | None = None,
-             force: bool = False, timeout: float = 300) -> Guest:
-    lin = make_linux(settings, kernel, init_script)
+             force: bool = False, timeout: float = 300, build: bool = True) -> Guest:
+    lin = make_linux(settings, kernel, init_script, build=build)
     bzimage, initrd = lin.kernel, lin.initrd
     assert bzimage is not None and initrd is not None
     mkrescue = _grub_mkrescue()
@@ -253,15 +257,15 @@ def make_iso(settings: Settings, kernel: str | Path | None = None, init_script: 
         if (tmp / "guest.iso").read_bytes().count(b"kvmlab.nonce=" + NONCE_PLACEHOLDER) < 1:
             raise VMError("the ISO does not contain grub.cfg's nonce placeholder in plain text")
         return {"iso": "guest.iso", "cmdline": KERNEL_CMDLINE}
-    return _cached(settings, "iso", inputs, force, make)
+    return _cached(settings, "iso", inputs, force, make, build)
 
 
 def make_guest(settings: Settings, kind: str, *, kernel: str | Path | None = None,
-               init_script: str | None = None, force: bool = False) -> Guest:
+               init_script: str | None = None, force: bool = False, build: bool = True) -> Guest:
     if kind == "tiny":
-        return make_tiny(settings, force=force)
+        return make_tiny(settings, force=force, build=build)
     if kind == "linux":
-        return make_linux(settings, kernel, init_script, force=force)
+        return make_linux(settings, kernel, init_script, force=force, build=build)
     if kind == "iso":
-        return make_iso(settings, kernel, init_script, force=force)
+        return make_iso(settings, kernel, init_script, force=force, build=build)
     raise VMError(f"unknown guest kind {kind!r}", hint="use one of " + ", ".join(KINDS))

@@ -17,8 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kvmlab.core.errors import BuildError
+from kvmlab.core.records import to_jsonable
 from kvmlab.core.settings import Settings
 
 MANIFEST = "manifest.json"
@@ -30,6 +32,9 @@ class BuildResult:
     out_dir: Path
     manifest: dict
     noop: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(self)
 
 
 def build_dir(settings: Settings, recipe: str, builder: str) -> Path:

@@ -6,6 +6,9 @@ tracebacks are shown only with ``--debug`` / ``KVMLAB_DEBUG=1``.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class KvmlabError(Exception):
     """Base class: a user-facing error with an optional hint."""
@@ -16,6 +19,12 @@ class KvmlabError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.report: dict[str, Any] = {}   # what the task found, shown with it under --json
+
+    def with_report(self, report: Mapping[str, Any]) -> KvmlabError:
+        """This error carrying the task's report: under --json one document holds both."""
+        self.report = dict(report)
+        return self
 
     def __str__(self) -> str:  # pragma: no cover - trivial
         return self.message if not self.hint else f"{self.message} (hint: {self.hint})"

@@ -113,28 +113,42 @@ _PATH_SETTINGS = {"home", "state_dir", "cache", "lock", "recipes_dir", "patches_
 def load_settings(overrides: Mapping[str, Any] | None = None,
                   invoke_config: Mapping[str, Any] | None = None) -> Settings:
     """Resolve every setting (see module docstring for the order)."""
+    return resolve_settings(overrides, invoke_config)[0]
+
+
+# where a setting's value came from, as `status` shows it
+SOURCES = ("flag", "env", "config", "default")
+
+
+def resolve_settings(overrides: Mapping[str, Any] | None = None,
+                     invoke_config: Mapping[str, Any] | None = None
+                     ) -> tuple[Settings, dict[str, str]]:
+    """The settings and, per setting, where its value came from: ``flag``, ``env``
+    (KVMLAB_<NAME>), ``config`` (the ``kvmlab:`` section) or ``default``."""
     overrides = {k: v for k, v in (overrides or {}).items() if v not in (None, "")}
     invoke_config = invoke_config or {}
     home_raw = overrides.get("home") or os.environ.get("KVMLAB_HOME") or invoke_config.get("home")
     project = Path(home_raw).expanduser().resolve() if home_raw else _find_project_dir()
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for s in SETTINGS:
         env = os.environ.get(env_name(s.name))
         if s.name in overrides:
-            v = overrides[s.name]
+            v, sources[s.name] = overrides[s.name], "flag"
         elif env:
-            v = env
+            v, sources[s.name] = env, "env"
         elif invoke_config.get(s.name) not in (None, ""):
-            v = invoke_config[s.name]
+            v, sources[s.name] = invoke_config[s.name], "config"
         else:
             v = s.default(project) if callable(s.default) else s.default
+            sources[s.name] = "default"
         if s.name in _PATH_SETTINGS:
             try:
                 v = Path(v).expanduser().resolve()
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"setting {s.name!r}: not a path: {v!r}") from e
         values[s.name] = v
-    return Settings(**{f.name: values[f.name] for f in fields(Settings)})
+    return Settings(**{f.name: values[f.name] for f in fields(Settings)}), sources
 
 
 def env_flag(name: str) -> bool:

@@ -1,6 +1,13 @@
-"""Terminal output: rich tables and progress on a terminal, plain lines otherwise."""
+"""Terminal output: rich tables and progress on a terminal, plain lines otherwise.
+
+Colour follows ``NO_COLOR`` (rich reads it) and ``--no-color`` (``set_color(False)``). Under
+``--json`` (``json_mode()``) every human line goes to stderr, so stdout carries one JSON document
+(``emit_json``).
+"""
 from __future__ import annotations
 
+import json
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -8,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -39,8 +47,67 @@ def styled(status: str) -> str:
     return f"[{style}]{status}[/{style}]" if style else str(status)
 
 
+def set_color(on: bool) -> None:
+    """--no-color / NO_COLOR: no escape codes at all on either stream (no colour, no bold)."""
+    global console, err_console
+    if on:
+        return
+    console = Console(highlight=False, color_system=None, file=console.file)
+    err_console = Console(stderr=True, highlight=False, color_system=None)
+
+
+_json_out: Any = None   # the real stdout while json_mode() is on
+
+
+def json_mode() -> None:
+    """Human output to stderr from now on, down to the file descriptor (child processes and
+    streamed build logs too): stdout is for the one JSON document (``emit_json``)."""
+    global _json_out
+    if _json_out is not None:
+        return
+    sys.stdout.flush()
+    try:
+        saved = os.dup(sys.stdout.fileno())
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        _json_out = os.fdopen(saved, "w", encoding="utf-8")
+    except (AttributeError, OSError, ValueError):   # no real descriptors (embedded use)
+        _json_out = sys.stdout
+        sys.stdout = sys.stderr
+    console.file = sys.stderr
+
+
+def emit_json(doc: Any) -> None:
+    """The one JSON document of a --json run, on the real stdout."""
+    out = _json_out if _json_out is not None else sys.stdout
+    out.write(json.dumps(doc, indent=2, default=str) + "\n")
+    out.flush()
+
+
+def _plain(cell: str) -> str:
+    # markup off, one line per row: a piped table is read by grep/awk/cut
+    return " ; ".join(ln.strip() for ln in Text.from_markup(cell).plain.splitlines() if ln.strip())
+
+
+def plain_table(title: str | None, columns: Sequence[str],
+                rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A table as plain lines: title, header, one line per row; columns padded, never wrapped."""
+    body = [[_plain("" if v is None else str(v)) for v in row] for row in rows]
+    head = [str(c) for c in columns]
+    widths = [max([len(head[i])] + [len(r[i]) for r in body if i < len(r)])
+              for i in range(len(head))]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [c.ljust(widths[i]) if i < len(cells) - 1 else c for i, c in enumerate(cells)]
+        return "  ".join(padded).rstrip()
+    return ([title] if title else []) + [line(head)] + [line(r) for r in body]
+
+
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]],
           status_col: str | None = "status") -> None:
+    if not console.is_terminal:
+        for ln in plain_table(title, columns, rows):
+            console.print(ln, markup=False, soft_wrap=True, highlight=False)
+        return
     t = Table(title=title, show_lines=False)
     for c in columns:
         t.add_column(c, overflow="fold")

@@ -14,11 +14,13 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kvmlab.build import containers, images
 from kvmlab.core import proc
 from kvmlab.core.errors import BuildError, InstallError
 from kvmlab.core.fsutil import sha256_file
+from kvmlab.core.records import to_jsonable
 from kvmlab.core.settings import Settings
 from kvmlab.install import deps
 from kvmlab.install.probe import FIRMWARE_RE
@@ -50,6 +52,9 @@ class InstallResult:
     noop: bool
     warnings: list[str] = field(default_factory=list)
     deps_installed: list[str] = field(default_factory=list)  # Debian packages --install-deps added
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(self)
 
 
 # ---------------------------------------------------------------------------------------------

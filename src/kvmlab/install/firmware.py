@@ -19,6 +19,7 @@ from typing import Any
 
 from kvmlab.core.errors import InstallError
 from kvmlab.core.fsutil import sha256_file
+from kvmlab.core.records import to_jsonable
 from kvmlab.core.settings import Settings
 from kvmlab.install.binaries import binary_path, load_build
 from kvmlab.install.probe import ProbeRun, qemu_version, run_probe
@@ -62,6 +63,9 @@ class BiosResult:
     proof: ProbeRun | None
     manifest_path: Path | None
     warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(self)
 
 
 # ---------------------------------------------------------------------------------------------

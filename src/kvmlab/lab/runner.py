@@ -24,6 +24,7 @@ from kvmlab.build import qemu as qemu_build
 from kvmlab.core import ui
 from kvmlab.core.errors import KvmlabError, LabError
 from kvmlab.core.fsutil import atomic_write_json, json_sha256, read_json, sha256_file
+from kvmlab.core.records import to_jsonable
 from kvmlab.core.settings import Settings
 from kvmlab.core.stamps import Stamp
 from kvmlab.host import doctor as host
@@ -44,6 +45,9 @@ class LabResult:
     lock_path: Path | None
     failed: StepOutcome | None = None
     error: KvmlabError | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(self)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kvmlab.core import proc, ui
 from kvmlab.core.errors import VerifyError
+from kvmlab.core.records import to_jsonable
 from kvmlab.core.settings import Settings
 from kvmlab.lab import steps as lab_steps
 
@@ -42,6 +44,9 @@ class VerifyReport:
 
     def failed(self) -> list[CheckResult]:
         return [r for r in self.results if r.status not in ("passed", "skipped")]
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(self)
 
 
 def available_steps(settings: Settings) -> list[str]:

@@ -36,6 +36,7 @@ from typing import Any
 from kvmlab.core import ui
 from kvmlab.core.errors import ChecksumError, FetchError, UnpackError
 from kvmlab.core.fsutil import sha256_file, tree_sha256
+from kvmlab.core.records import to_jsonable
 from kvmlab.core.settings import Settings
 from kvmlab.core.stamps import Stamp
 from kvmlab.model.recipe import Recipe
@@ -73,6 +74,9 @@ class FetchResult:
         d["path"] = str(self.path)
         del d["status"], d["previous"]
         return d
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(self)
 
 
 def cache_path(settings: Settings, sha: str, file: str) -> Path:

@@ -16,8 +16,8 @@ from invoke.exceptions import ParseError
 from invoke.parser import Argument
 
 from kvmlab.core import ui
-from kvmlab.core.errors import KvmlabError, VerifyError
-from kvmlab.core.settings import Settings, load_settings
+from kvmlab.core.errors import ConfigError, KvmlabError, VerifyError
+from kvmlab.core.settings import Settings, load_settings, resolve_settings
 from kvmlab.lab import steps as lab_steps
 from kvmlab.lab import verify as verify_mod
 from kvmlab.model.recipe import load_recipe
@@ -81,6 +81,9 @@ class KvmlabTask(Task):
             # invoke's own --debug counts only before the task name; this one works after it
             args.append(Argument(names=("debug",), kind=bool, default=False,
                                  help="show tracebacks and the commands run (KVMLAB_DEBUG=1)"))
+        if not any(a.name == "no-color" for a in args):
+            args.append(Argument(names=("no-color",), attr_name="no_color", kind=bool,
+                                 default=False, help="no colour in the output (also NO_COLOR=1)"))
         return args
 
 
@@ -89,51 +92,75 @@ def debug_enabled() -> bool:
         logging.getLogger("invoke").isEnabledFor(logging.DEBUG)
 
 
-def settings(ctx: Context, **overrides: Any) -> Settings:
-    """Settings for this run: flags > KVMLAB_* env > invoke config 'kvmlab:' section > defaults."""
+def _config_section(ctx: Context) -> dict[str, Any]:
     try:
         cfg = ctx.config.get("kvmlab", {}) or {}
-        cfg = dict(cfg) if hasattr(cfg, "keys") else {}
+        return dict(cfg) if hasattr(cfg, "keys") else {}
     except Exception:  # pragma: no cover - invoke config oddities
-        cfg = {}
-    s = load_settings(overrides, cfg)
+        return {}
+
+
+def settings(ctx: Context, **overrides: Any) -> Settings:
+    """Settings for this run: flags > KVMLAB_* env > invoke config 'kvmlab:' section > defaults."""
+    return settings_with_sources(ctx, **overrides)[0]
+
+
+def settings_with_sources(ctx: Context, **overrides: Any) -> tuple[Settings, dict[str, str]]:
+    """The settings and where each value came from (flag, env, config, default)."""
+    s, sources = resolve_settings(overrides, _config_section(ctx))
     if overrides.get("recipe") or overrides.get("builder"):
         # a recipe or builder named on the command line is checked before anything runs
         r = load_recipe(s.recipes_dir, s.recipe)
         if overrides.get("builder"):
             r.builder(s.builder)
-    return s
+    return s, sources
 
 
 def task(*args: Any, **kwargs: Any) -> Callable:
     """invoke's @task plus kvmlab's error handling.
 
     A KvmlabError becomes one red line + hint and exit status 1 (traceback only with --debug or
-    KVMLAB_DEBUG=1); Ctrl-C becomes exit status 130 after the step's own cleanup has run.
+    KVMLAB_DEBUG=1); under --json it is one JSON document on stdout instead,
+    ``{..., "error": ..., "hint": ...}`` (with the report the task attached to the error), and
+    every human line goes to stderr. Ctrl-C becomes exit status 130 after the step's own cleanup
+    has run. invoke's core ``--dry`` means the task's own --dry-run where it has one; a task
+    without one refuses it before doing anything.
     """
     def decorate(fn: Callable) -> Any:
+        params = inspect.signature(fn).parameters
+
         @functools.wraps(fn)
-        def wrapper(ctx: Context, *a: Any, debug: bool = False, **kw: Any) -> Any:
+        def wrapper(ctx: Context, *a: Any, debug: bool = False, no_color: bool = False,
+                    **kw: Any) -> Any:
             if debug:
                 os.environ["KVMLAB_DEBUG"] = "1"  # also reaches the checks' subprocess
+            as_json = bool(kw.get("json_"))
+            ui.set_color(not (no_color or os.environ.get("NO_COLOR")))
+            if as_json:
+                ui.json_mode()
             try:
+                _invoke_dry(ctx, fn.__name__, params, kw)
                 return fn(ctx, *a, **kw)
             except KvmlabError as e:
                 if debug_enabled():
                     raise
-                ui.error(e.message, e.hint)
+                _fail(as_json, e.message, e.hint, e.report)
                 raise Exit(code=e.exit_code) from None
             except OSError as e:
                 if debug_enabled():
                     raise
                 message, hint = describe_os_error(e)
-                ui.error(message, hint)
+                _fail(as_json, message, hint)
                 raise Exit(code=1) from None
             except KeyboardInterrupt:
-                ui.error("interrupted; cleaned up what this step had started")
+                _fail(as_json, "interrupted; cleaned up what this step had started", None)
                 raise Exit(code=130) from None
         kwargs.setdefault("auto_shortflags", False)  # keep -h for help
         kwargs.setdefault("klass", KvmlabTask)
+        helps = kwargs.setdefault("help", {})
+        if "json_" in params and "json" not in helps and "json_" not in helps:
+            helps["json_"] = "print one JSON document on stdout (errors too: " \
+                             "{\"error\": ..., \"hint\": ...})"
         return invoke_task(*args, **kwargs)(wrapper)
 
     if len(args) == 1 and callable(args[0]) and not kwargs:
@@ -141,6 +168,31 @@ def task(*args: Any, **kwargs: Any) -> Callable:
         args = ()
         return decorate(fn)
     return decorate
+
+
+def _fail(as_json: bool, message: str, hint: str | None,
+          report: dict[str, Any] | None = None) -> None:
+    if as_json:
+        ui.emit_json({**(report or {}), "error": message, "hint": hint})
+    else:
+        ui.error(message, hint)
+
+
+def _invoke_dry(ctx: Context, name: str, params: Any, kw: dict[str, Any]) -> None:
+    """invoke's ``--dry`` (echo commands, run none) has nothing to act on in kvmlab, which runs
+    no shell commands through ctx.run: it turns into the task's --dry-run, or is refused."""
+    try:
+        dry = bool(ctx.config.run.dry)
+    except (AttributeError, KeyError):
+        dry = False
+    if not dry:
+        return
+    if "dry_run" in params:
+        kw["dry_run"] = True
+        return
+    raise ConfigError(f"--dry: `{name.replace('_', '-')}` has no dry run; nothing was done",
+                      hint="leave out --dry; install, install-bios, patch and boot-test take "
+                           "--dry-run")
 
 
 _PATH_SETTINGS = (("state_dir", "KVMLAB_STATE_DIR"), ("cache", "KVMLAB_CACHE"),

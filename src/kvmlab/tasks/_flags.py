@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import stat as st_mod
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from kvmlab.boot import guest as guest_mod
 from kvmlab.boot import image as image_mod
 from kvmlab.boot.iso import check_iso
 from kvmlab.boot.kernel import check_kernel
+from kvmlab.core import ui
 from kvmlab.core.elf import read_modinfo
 from kvmlab.core.errors import KvmlabError
 from kvmlab.host import exits
@@ -52,6 +54,16 @@ class FlagType:
     example: str
 
     def convert(self, flag: str, raw: str) -> Any:
+        try:
+            return self._convert(flag, raw)
+        except ParseError as e:
+            if "--json" in sys.argv[1:]:
+                # refused before any task ran: the --json caller still gets one document
+                error, _, hint = str(e).partition("\nhint: ")
+                ui.emit_json({"error": error.removeprefix("error: "), "hint": hint or None})
+            raise
+
+    def _convert(self, flag: str, raw: str) -> Any:
         try:
             return self.parse(raw)
         except FlagValueError as e:

@@ -55,7 +55,7 @@ def images(ctx: Context, builder: str = "", force: bool = False) -> None:
                        "out/<recipe>/<builder>-debug/ (for trace-kvm --gdb)"})
 def build(ctx: Context, recipe: str = "", builder: str = "", jobs: int = 2, force: bool = False,
           source: str = "", offline: bool = False, no_verify: bool = False,
-          flavour: str = "release") -> None:
+          flavour: str = "release", json_: bool = False) -> None:
     """Configure + make the patched source in a builder container (or natively).
 
     Artifacts and manifest.json go to out/<recipe>/<builder>/ (--flavour debug:
@@ -66,15 +66,18 @@ def build(ctx: Context, recipe: str = "", builder: str = "", jobs: int = 2, forc
                           source=source or None, offline=offline, debug=flavour == "debug")
     m = res.manifest
     rows = [(a["path"], a["kind"], a["size"], a["sha256"][:16]) for a in m.get("artifacts", [])]
-    ui.table(f"{m.get('recipe')} ({m.get('builder')}): {res.out_dir}",
-             ["artifact", "kind", "size", "sha256"], rows, status_col=None)
-    if m.get("compiler"):
+    if not json_:
+        ui.table(f"{m.get('recipe')} ({m.get('builder')}): {res.out_dir}",
+                 ["artifact", "kind", "size", "sha256"], rows, status_col=None)
+    if m.get("compiler") and not json_:
         datadir = (m.get("config") or {}).get("datadir")
         ui.info(f"compiler: {m['compiler']}" +
                 (f"; firmware dir compiled in: {datadir}" if datadir else ""))
     # the build checks look at the release layout (out/<recipe>/<builder>/)
     run_step_checks(s, "kmod" if m.get("kind") == "kmod" else "build",
                     no_verify or flavour == "debug")
+    if json_:
+        ui.emit_json({**res.to_dict(), "manifest_path": str(res.out_dir / "manifest.json")})
 
 
 @task(help={"recipe": "recipe name (default from settings)",

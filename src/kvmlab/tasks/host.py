@@ -1,8 +1,6 @@
 """doctor, load-modules and explain-exit tasks."""
 from __future__ import annotations
 
-import json
-
 from invoke import Context
 
 from kvmlab.build.kmodules import modules_from
@@ -14,20 +12,30 @@ from ._common import run_step_checks, settings, task
 
 
 @task(help={"json": "print the report as JSON instead of a table",
-            "timeout": "seconds the probe guest may take before it is killed"})
-def doctor(ctx: Context, json_: bool = False, timeout: float = 10) -> None:
-    """Check CPU, firmware, kvm modules and /dev/kvm, then run a probe guest; give a verdict."""
+            "timeout": "seconds the probe guest may take before it is killed",
+            "strict": "exit 1 when the verdict says KVM cannot run guests (default); "
+                      "--no-strict only reports"})
+def doctor(ctx: Context, json_: bool = False, timeout: float = 10, strict: bool = True) -> None:
+    """Check CPU, firmware, kvm modules and /dev/kvm, then run a probe guest; give a verdict.
+
+    Exits 1 when KVM cannot run guests here (--no-strict: exit 0 and only report)."""
     rep = host.doctor(timeout=timeout)
-    if json_:
-        print(json.dumps(rep.to_dict(), indent=2))
+    if not json_:
+        rows = []
+        for c in rep.checks:
+            text = c.explanation + (f"\nfix: {c.hint}" if c.hint else "")
+            rows.append((c.name, c.shown_status, c.value, text))
+        ui.table("host doctor", ["check", "status", "value", "explanation / fix"], rows)
+        colour = "green" if rep.usable else "red"
+        ui.info(f"verdict: [bold {colour}]{rep.verdict}[/bold {colour}]")
+    if rep.usable or not strict:
+        if json_:
+            ui.emit_json(rep.to_dict())
         return
-    rows = []
-    for c in rep.checks:
-        text = c.explanation + (f"\nfix: {c.hint}" if c.hint else "")
-        rows.append((c.name, c.shown_status, c.value, text))
-    ui.table("host doctor", ["check", "status", "value", "explanation / fix"], rows)
-    colour = "green" if rep.usable else "red"
-    ui.info(f"verdict: [bold {colour}]{rep.verdict}[/bold {colour}]")
+    fix = next((c.hint for c in rep.checks if c.status in ("fail", "error") and c.hint), None)
+    raise HostError(f"KVM cannot run guests here: {rep.verdict}",
+                    hint=(fix + "; " if fix else "") + "--no-strict reports without failing"
+                    ).with_report(rep.to_dict() if json_ else {})
 
 
 # invoke turns a parameter named json_ into --json
@@ -49,7 +57,7 @@ def load_modules(ctx: Context, ko: str = "", from_: str = "", unload: bool = Fal
         raise HostError("--ko and --unload do not go together")
     res = host.load_modules(paths, unload=unload)
     if json_:
-        print(json.dumps(res.to_dict(), indent=2))
+        ui.emit_json(res.to_dict())
     else:
         for a in res.actions:
             ui.info(a)
@@ -74,7 +82,7 @@ def explain_exit(ctx: Context, code: str | None = None, kind: str = "auto",
     """Explain a VM-exit reason / VM-entry failure, a KVM_EXIT_* code or a KVM internal error."""
     e = host.explain_exit(code or "", kind)
     if json_:
-        print(json.dumps(e.to_dict(), indent=2))
+        ui.emit_json(e.to_dict())
         return
     if e.kind == "qemu":
         ui.info(f"[bold]{e.name}[/bold]  (qemu message)")

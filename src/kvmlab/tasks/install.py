@@ -43,7 +43,7 @@ def _out_line(s, rows) -> object:  # noqa: ANN001
             "no-verify": "skip the testinfra checks after installing"})
 def install(ctx: Context, recipe: str = "", builder: str = "", prefix: str = "",
             destdir: str = "", mode: str = "copy", dry_run: bool = False,
-            install_deps: bool = False, no_verify: bool = False) -> None:
+            install_deps: bool = False, no_verify: bool = False, json_: bool = False) -> None:
     """Install the built binaries into PREFIX/bin (atomic, backups, install manifest).
 
     Before copying anything, the shared libraries the build recorded are looked up on this host
@@ -60,6 +60,8 @@ def install(ctx: Context, recipe: str = "", builder: str = "", prefix: str = "",
         ui.warn(w)
     if dry_run:
         dry_run_end()
+        if json_:
+            ui.emit_json({**res.to_dict(), "dry_run": True})
         return
     ui.info(("nothing to do: " if res.noop else "") + f"install manifest: {res.manifest_path}")
     ui.info(f"next: `invoke install-bios --prefix {res.prefix}"
@@ -67,6 +69,8 @@ def install(ctx: Context, recipe: str = "", builder: str = "", prefix: str = "",
             "where this binary looks")
     run_step_checks(s, "install", no_verify,
                     extra_env={"KVMLAB_VERIFY_INSTALL_MANIFEST": str(res.manifest_path)})
+    if json_:
+        ui.emit_json({**res.to_dict(), "dry_run": False})
 
 
 @task(name="install-bios",
@@ -82,7 +86,8 @@ def install(ctx: Context, recipe: str = "", builder: str = "", prefix: str = "",
             "no-verify": "skip the testinfra checks (the proof start always runs)"})
 def install_bios(ctx: Context, recipe: str = "", builder: str = "", prefix: str = "",
                  destdir: str = "", qemu: str = "", firmware_from: str = "",
-                 timeout: int = 20, dry_run: bool = False, no_verify: bool = False) -> None:
+                 timeout: int = 20, dry_run: bool = False, no_verify: bool = False,
+                 json_: bool = False) -> None:
     """Put bios.bin, vapic.bin and option ROMs where the installed qemu looks; prove it starts.
 
     The directories come from the build's recorded configuration and a paused trial start of the
@@ -104,6 +109,8 @@ def install_bios(ctx: Context, recipe: str = "", builder: str = "", prefix: str 
         ui.warn(w)
     if dry_run:
         dry_run_end()
+        if json_:
+            ui.emit_json({**res.to_dict(), "dry_run": True})
         return
     if res.noop:
         ui.info("nothing to do: every file was already correct")
@@ -116,7 +123,7 @@ def install_bios(ctx: Context, recipe: str = "", builder: str = "", prefix: str 
         raise InstallError(f"{res.qemu} still does not get past firmware loading: "
                            f"{inst.explain_failure(p)}",
                            hint="see the search-path table above; `--firmware-from DIR` supplies "
-                                "files the build lacks")
+                                "files the build lacks").with_report(res.to_dict())
     bios = next((v for k, v in p.loaded.items() if inst.BIOS_RE.match(k)), None)
     ui.info(f"[green]proof:[/green] {res.qemu.name} started paused (-S, headless), its monitor "
             f"answered ({p.monitor_banner!r})"
@@ -126,6 +133,8 @@ def install_bios(ctx: Context, recipe: str = "", builder: str = "", prefix: str 
     run_step_checks(s, "install-bios", no_verify,
                     extra_env={"KVMLAB_VERIFY_INSTALL_MANIFEST": str(res.manifest_path)}
                     if res.manifest_path and res.manifest_path.exists() else None)
+    if json_:
+        ui.emit_json({**res.to_dict(), "dry_run": False})
 
 
 def _show_debug_lines(s, proof) -> None:  # noqa: ANN001

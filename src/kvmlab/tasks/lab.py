@@ -5,6 +5,7 @@ from invoke import Context
 
 from kvmlab.core import ui
 from kvmlab.core.errors import LabError
+from kvmlab.core.records import to_jsonable
 from kvmlab.lab import remote, steps
 from kvmlab.lab import runner as lab_mod
 from kvmlab.lab import verify as verify_mod
@@ -39,18 +40,23 @@ def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", 
         jobs: int = 2, guest: str = "tiny", qemu: str = "", skip: str = "",
         resume: bool = False, check: bool = False, force: bool = False, timeout: float = 0,
         install_deps: bool = False, no_verify: bool = False, nested: bool = False,
-        nested_cpu: str = "max") -> None:
+        nested_cpu: str = "max", json_: bool = False) -> None:
     """The whole pipeline (fetch ... boot-test), recorded in lab.lock.json; --check compares."""
     s = settings(ctx, recipe=recipe, builder=builder)
     if check:
         diffs = lab_mod.check(s)
+        doc = {"lock": str(lab_mod.lock_path(s)), "matches": not diffs,
+               "differences": [{"what": d.key, "locked": d.locked, "now": d.now} for d in diffs]}
         if diffs:
             ui.table("differences from lab.lock.json", ["what", "locked", "now", "status"],
                      [(d.key, d.locked[:70], d.now[:70], "fail") for d in diffs])
             raise LabError(f"{len(diffs)} difference(s) from {lab_mod.lock_path(s)}: " +
                            ", ".join(d.key for d in diffs[:4]),
-                           hint="re-run `invoke lab` to bring this host back to the lock")
+                           hint="re-run `invoke lab` to bring this host back to the lock"
+                           ).with_report(doc)
         ui.info(f"[green]matches[/green] {lab_mod.lock_path(s)}")
+        if json_:
+            ui.emit_json(doc)
         return
     opts = lab_mod.LabOptions(
         recipe=s.recipe, builder=s.builder, accel=accel, prefix=prefix or None,
@@ -59,24 +65,31 @@ def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", 
         timeout=timeout or None, install_deps=install_deps, nested=nested,
         nested_cpu=nested_cpu)
     if hosts:
-        remote.run_hosts(s, opts, hosts)
+        per_host = remote.run_hosts(s, opts, hosts)
+        if json_:
+            ui.emit_json({"hosts": [to_jsonable(h) for h in per_host]})
         return
     with ui.console.status("lab") as status:
         res = lab_mod.run_lab(s, opts, resume=resume,
                               on_step=lambda st: status.update(f"lab: {st} ..."))
     lab_mod.print_summary(res)
+    doc = res.to_dict()
     if res.error and res.failed:
         raise LabError(f"lab stopped at {res.failed.step}: {res.error.message}",
                        hint=(res.error.hint + "; " if res.error.hint else "") +
-                       "fix it, then `invoke lab --resume` continues from there")
+                       "fix it, then `invoke lab --resume` continues from there").with_report(doc)
     ui.info(f"lock written: {res.lock_path}")
     if not no_verify:
         checks = [c for c in steps.checks_of_run() if c in verify_mod.available_steps(s)]
         report = verify_mod.run_checks(s, checks, ["local://"], extra_env=lab_mod.verify_env(res))
         verify_mod.print_report(report)
+        doc["checks"] = report.to_dict()["results"]
         if not report.ok:
             raise LabError("lab finished but its checks failed: " +
-                           ", ".join(f"{r.step}/{r.name}" for r in report.failed()[:5]))
+                           ", ".join(f"{r.step}/{r.name}" for r in report.failed()[:5])
+                           ).with_report(doc)
+    if json_:
+        ui.emit_json(doc)
 
 
 @task(help={"recipe": "recipe to build", "builder": "builder", "source": "local source",

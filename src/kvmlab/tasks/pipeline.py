@@ -6,7 +6,7 @@ from invoke import Context
 from kvmlab.core import ui
 from kvmlab.model.recipe import load_recipe
 from kvmlab.source.fetch import FetchOptions, FetchResult, fetch_source
-from kvmlab.source.prepare import prepare
+from kvmlab.source.prepare import PreparedSource, prepare
 
 from ._common import run_step_checks, settings, task
 
@@ -43,14 +43,17 @@ def _show_fetch(r: FetchResult) -> None:
                       "what arrived, showing old and new (never overrides a pinned sha256)"})
 def fetch(ctx: Context, recipe: str = "", source: str = "", offline: bool = False,
           force: bool = False, relock: bool = False, timeout: float = 0.0,
-          no_verify: bool = False) -> None:
+          no_verify: bool = False, json_: bool = False) -> None:
     """Download a recipe's source (mirrors, retries, resume) into the verified cache."""
     s = settings(ctx, recipe=recipe)
     r = load_recipe(s.recipes_dir, s.recipe)
     res = fetch_source(s, r, source=source or None, offline=offline, force=force, relock=relock,
                        options=FetchOptions.from_env(timeout or None))
-    _show_fetch(res)
+    if not json_:
+        _show_fetch(res)
     run_step_checks(s, "fetch", no_verify)
+    if json_:
+        ui.emit_json(res.to_dict())
 
 
 @task(help={**_HELP, "builder": "builder whose patch series is applied (debian12, centos6, "
@@ -59,7 +62,7 @@ def fetch(ctx: Context, recipe: str = "", source: str = "", offline: bool = Fals
             "dry-run": "check that the whole series applies, without touching the tree"})
 def patch(ctx: Context, recipe: str = "", builder: str = "", source: str = "",
           offline: bool = False, force: bool = False, dry_run: bool = False,
-          timeout: float = 0.0, no_verify: bool = False) -> None:
+          timeout: float = 0.0, no_verify: bool = False, json_: bool = False) -> None:
     """Fetch, unpack and apply the builder's patch series (all or nothing, no fuzz)."""
     s = settings(ctx, recipe=recipe, builder=builder)
     r = load_recipe(s.recipes_dir, s.recipe)
@@ -77,8 +80,19 @@ def patch(ctx: Context, recipe: str = "", builder: str = "", source: str = "",
         ui.info(f"  {ui.styled('skipped')} {name} (its if= option is off)")
     if dry_run:
         ui.info(f"dry run: all {len(p.patches)} patch(es) apply; {p.src_dir} was not touched")
+        if json_:
+            ui.emit_json(_patch_doc(p, series, dry_run))
         return
     state = "no-op: the series is already applied" if p.noop else \
         f"{'unpacked, ' if p.unpacked else ''}applied {len(p.patches)} patch(es)"
     ui.info(f"tree    {p.src_dir} ({state})")
     run_step_checks(s, "patch", no_verify)
+    if json_:
+        ui.emit_json(_patch_doc(p, series, dry_run))
+
+
+def _patch_doc(p: PreparedSource, series: object, dry_run: bool) -> dict:
+    return {"src_dir": str(p.src_dir), "series": str(series) if series else None,
+            "dry_run": dry_run, "noop": p.noop, "unpacked": p.unpacked, "patches": p.patches,
+            "skipped": list(p.skipped),
+            "fetched": p.fetched.to_dict() if p.fetched else None}

@@ -1,8 +1,6 @@
 """trace-kvm task: why qemu's KVM initialisation succeeds or fails, call by call."""
 from __future__ import annotations
 
-import json
-
 from invoke import Context
 
 from kvmlab.boot import trace as trace_mod
@@ -30,13 +28,13 @@ def trace_kvm(ctx: Context, qemu: str = "", guest: str = "tiny", disk: str = "",
     if gdb:
         g = trace_mod.gdb_kvm(s, **kw)  # type: ignore[arg-type]
         if json_:
-            print(json.dumps(g.to_dict(), indent=2))
+            ui.emit_json(g.to_dict())
         else:
             _show_gdb(g)
         return
     r = trace_mod.trace_kvm(s, **kw)  # type: ignore[arg-type]
     if json_:
-        print(json.dumps(r.to_dict(), indent=2))
+        ui.emit_json(r.to_dict())
     else:
         _show(r)
 
