@@ -137,11 +137,7 @@ class _Inside:
         """kvmlab's own task inside; a failure is its own error line + hint, named by step."""
         p = self.sh(step, kvmlab_command(args))
         if p.returncode != 0:
-            text = (p.stdout + p.stderr).splitlines()
-            err = next((ln[len("error:"):].strip() for ln in reversed(text)
-                        if ln.startswith("error:")), f"exit {p.returncode}")
-            hint = next((ln[len("hint:"):].strip() for ln in reversed(text)
-                         if ln.startswith("hint:")), "")
+            err, hint = _error_of(p)
             raise NestedError(f"inside the lab VM, `kvmlab {args[0]}` failed: {err}",
                               hint=(hint + "; " if hint else "") +
                               f"its output is in {self.dir / (step + '.log')}")
@@ -149,12 +145,33 @@ class _Inside:
 
     def json_of(self, step: str, args: list[str]) -> dict[str, Any]:
         p = self.kvmlab(step, args)
-        out = p.stdout
-        try:
-            return dict(json.loads(out[out.index("{"):]))
-        except ValueError:
+        doc = _json_doc(p.stdout)
+        if doc is None:
             raise NestedError(f"inside the lab VM, `kvmlab {args[0]} --json` printed no JSON",
-                              hint=f"see {self.dir / (step + '.log')}") from None
+                              hint=f"see {self.dir / (step + '.log')}")
+        return doc
+
+
+def _error_of(p: proc.CompletedProcess) -> tuple[str, str]:
+    """(error, hint) of a failed kvmlab task: its `{"error", "hint"}` JSON document under --json,
+    else its last `error:` / `hint:` lines."""
+    doc = _json_doc(p.stdout)
+    if doc is not None and doc.get("error"):
+        return str(doc["error"]), str(doc.get("hint") or "")
+    text = (p.stdout + p.stderr).splitlines()
+    err = next((ln[len("error:"):].strip() for ln in reversed(text) if ln.startswith("error:")),
+               f"exit {p.returncode}")
+    hint = next((ln[len("hint:"):].strip() for ln in reversed(text) if ln.startswith("hint:")), "")
+    return err, hint
+
+
+def _json_doc(out: str) -> dict[str, Any] | None:
+    """The JSON document a --json task printed on stdout (None: there is none)."""
+    try:
+        doc = json.loads(out[out.index("{"):])
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _timed(rec: NestedRecord, part: str) -> contextlib.AbstractContextManager[None]:

@@ -1,8 +1,6 @@
 """nested task: kvmlab's own steps inside a lab VM with emulated SVM (kvmlab.nested.steps)."""
 from __future__ import annotations
 
-import json
-
 from invoke import Context
 
 from kvmlab.core import ui
@@ -32,7 +30,7 @@ def nested(ctx: Context, recipe: str = "kvm-kmod-6.1", qemu_recipe: str = "qemu-
     with ui.console.status("nested") as status:
         rec = nested_mod.run_nested(s, opts, lambda st: status.update(f"nested: {st} ..."))
     if json_:
-        print(json.dumps(rec.to_dict(), indent=2))
+        ui.emit_json(rec.to_dict())
         return
     show(rec)
 
