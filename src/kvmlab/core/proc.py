@@ -100,8 +100,9 @@ def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float, check: bool =
         raise
     cp = subprocess.CompletedProcess(args, p.returncode, o, e)
     if check and p.returncode != 0:
-        tail = ((e or o or "") if isinstance(e or o or "", str) else (e or o or b"").decode(
-            errors="replace")).strip().splitlines()[-3:]
+        said = e or o or ""
+        tail = (said if isinstance(said, str) else said.decode(errors="replace")
+                ).strip().splitlines()[-3:]
         raise KvmlabError(f"{what or Path(args[0]).name} failed (exit status {p.returncode})"
                           + (": " + " | ".join(tail) if tail else ""),
                           hint="run with --debug to see the command")

@@ -15,9 +15,9 @@ from invoke import task as invoke_task
 from invoke.exceptions import ParseError
 from invoke.parser import Argument
 
-from kvmlab.core import ui
+from kvmlab.core import proc, ui
 from kvmlab.core.errors import ConfigError, KvmlabError, VerifyError
-from kvmlab.core.settings import Settings, load_settings, resolve_settings
+from kvmlab.core.settings import Settings, env_name, load_settings, resolve_settings
 from kvmlab.lab import steps as lab_steps
 from kvmlab.lab import verify as verify_mod
 from kvmlab.model.recipe import load_recipe
@@ -88,8 +88,8 @@ class KvmlabTask(Task):
 
 
 def debug_enabled() -> bool:
-    return os.environ.get("KVMLAB_DEBUG", "") not in ("", "0") or \
-        logging.getLogger("invoke").isEnabledFor(logging.DEBUG)
+    """KVMLAB_DEBUG (proc's rule: also set by --debug after the task name) or invoke's --debug."""
+    return proc.debug_enabled() or logging.getLogger("invoke").isEnabledFor(logging.DEBUG)
 
 
 def _config_section(ctx: Context) -> dict[str, Any]:
@@ -195,8 +195,8 @@ def _invoke_dry(ctx: Context, name: str, params: Any, kw: dict[str, Any]) -> Non
                            "--dry-run")
 
 
-_PATH_SETTINGS = (("state_dir", "KVMLAB_STATE_DIR"), ("cache", "KVMLAB_CACHE"),
-                  ("lock", "KVMLAB_LOCK"))
+# the settings whose paths kvmlab writes to, in the order an error is blamed on them
+_WRITTEN_SETTINGS = ("state_dir", "cache", "lock")
 
 
 def describe_os_error(e: OSError, s: Settings | None = None) -> tuple[str, str]:
@@ -216,7 +216,8 @@ def describe_os_error(e: OSError, s: Settings | None = None) -> tuple[str, str]:
         s = None
     if s is not None and e.filename:
         target = Path(str(e.filename)).absolute()
-        for attr, env in _PATH_SETTINGS:
+        for attr in _WRITTEN_SETTINGS:
+            env = env_name(attr)
             base = Path(getattr(s, attr))
             # the lock is written through a temp file beside it (.NAME.*.tmp)
             beside = attr == "lock" and target.parent == base.parent and base.name in target.name
