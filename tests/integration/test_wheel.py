@@ -71,3 +71,16 @@ def test_installed_wheel_verifies_fetch_and_runs_doctor(wheel_venv, tmp_path):
     assert "test_cached_file_has_the_recorded_sha256" in v.stdout and "passed" in v.stdout
     d = _run([kvmlab, "doctor"], env=env, cwd=tmp_path, timeout=300)
     assert "verdict:" in d.stdout and "Traceback" not in d.stderr, d.stdout[-2000:] + d.stderr
+
+
+def test_core_install_has_no_ssh_client(wheel_venv):
+    """fabric/paramiko come only with the extra kvmlab[hosts]; the core steps above ran without."""
+    py = wheel_venv / "bin" / "python"
+    r = _run([py, "-c", "import importlib.metadata as m; print('\\n'.join(m.requires('kvmlab')))"],
+             timeout=60, cwd="/")
+    reqs = r.stdout.splitlines()
+    fabric = [q for q in reqs if q.startswith("fabric")]
+    assert fabric and all('extra == "hosts"' in q for q in fabric), reqs
+    assert any(q.startswith("pytest-testinfra") and "extra" not in q for q in reqs), reqs
+    for mod in ("fabric", "paramiko"):
+        assert _run([py, "-c", f"import {mod}"], timeout=60, cwd="/").returncode != 0, mod

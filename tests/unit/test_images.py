@@ -121,7 +121,7 @@ def test_permission_denied_socket_hints_at_docker_group(tmp_path):
         s.bind(str(path))
         s.listen(1)
         path.chmod(0o600)
-        code = ("from kvmlab import images\n"
+        code = ("from kvmlab.build import images\n"
                 "try:\n    images.docker_client()\n"
                 "except Exception as e:\n    print(e.message); print(e.hint)\n")
         cmd = [sys.executable, "-c", code]
