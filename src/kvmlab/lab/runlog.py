@@ -38,7 +38,8 @@ class RunLog:
     def __init__(self, settings: Settings, opts: LabOptions):
         self.path = path(settings)
         self.doc: dict[str, Any] = {
-            "schema": SCHEMA, "started": time.time(), "finished": None, "host": platform.node(),
+            "schema": SCHEMA, "started": round(time.time(), 3), "finished": None,
+            "host": platform.node(),
             "recipe": opts.recipe, "builder": opts.builder,
             "options": {k: v for k, v in asdict(opts).items() if k != "force"},
             "steps": [], "failed": None, "error": None, "checks": None}
