@@ -152,7 +152,8 @@ def test_missing_plotting_library_is_one_error_with_the_pip_hint(kvmlab_env, mon
 
 @needs_pygal
 def test_drawing_leaves_no_finder_pytest_cannot_use():
-    """pygal's map-plugin finder lacked find_spec: `verify` after the import failed (lab --report)."""
+    """pygal's map-plugin finder lacks find_spec: `verify` after the import failed
+    (lab --report)."""
     plots.boot_times([])
     assert all(hasattr(f, "find_spec") for f in sys.meta_path)
     r = subprocess.run([sys.executable, "-c", "import sys; from kvmlab.report import plots; "

@@ -133,10 +133,11 @@ def boot_label(g: BootGroup) -> str:
 
 def boot_times(groups: list[BootGroup]) -> str:
     pygal = _pygal()
-    guests = sorted({g.guest for g in groups})
+    guests = sorted({g.guest for g in groups if g.median is not None})
     series: dict[str, dict[str, BootGroup]] = {}
     for g in groups:
-        series.setdefault(boot_label(g), {})[g.guest] = g
+        if g.median is not None:      # groups that never booted are in the table only
+            series.setdefault(boot_label(g), {})[g.guest] = g
     bars = sum(len(v) for v in series.values())
     chart = pygal.Bar(**_config(
         SERIES_COLOURS, 420, width=min(WIDTH, 360 + 70 * bars),
