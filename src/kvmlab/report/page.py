@@ -18,7 +18,7 @@ from typing import Any
 from kvmlab.core.fsutil import atomic_write_bytes
 from kvmlab.core.settings import Settings
 from kvmlab.report import plots
-from kvmlab.report.gather import BootRun, Report, gather
+from kvmlab.report.gather import PHASE_LABELS, BootRun, Report, gather
 
 CSS = """
 body{font-family:"DejaVu Sans",Arial,sans-serif;margin:0;color:#263238;background:#f5f7f8}
@@ -148,7 +148,8 @@ def _builds(rep: Report) -> str:
         "these manifests record no phase times (built by an older kvmlab)")
     return _section("builds", "Build phases",
                     f'<div class="plot">{plots.build_phases(rep.builds)}</div>' + note +
-                    _table(["build", "total", *phases, "compiler", "built at"], rows,
+                    _table(["build", "total", *(PHASE_LABELS.get(p, p) for p in phases),
+                            "compiler", "built at"], rows,
                            num_cols=range(1, 2 + len(phases))))
 
 

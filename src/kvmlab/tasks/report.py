@@ -20,7 +20,7 @@ def report(ctx: Context, output: str = "", json_: bool = False) -> None:
     t0 = time.monotonic()
     path, rep = page.write_report(s, Path(output).expanduser() if output else None)
     size = path.stat().st_size
-    ui.info(f"report written: {path} ({size / 1024:.0f} KB, {time.monotonic() - t0:.1f} s)")
+    ui.info(f"report written: {path} ({size / 1024:.0f} KB, {time.monotonic() - t0:.2f} s)")
     if json_:
         ui.emit_json({"path": str(path), "bytes": size, "failed": rep.failed,
                       "report": rep.to_dict()})
