@@ -55,6 +55,7 @@ BY_FLAG: dict[str, list[str]] = {
     "prefix": ["relative/dir", TEXT],
     "destdir": [TEXT],
     "path": [DIR, RO_NEW, NOPARENT],
+    "output": [DIR, RO_NEW, NOPARENT],
     "code": ["nope", "0xffffffff", "99", "KVM_EXIT_NOPE", "0x40000030"],
     "step": ["nope"],
     "hosts": ["ftp://host", "nope"],

@@ -48,8 +48,13 @@ def lab_args(e, *extra):
 
 
 def test_lab_end_to_end_then_noop_check_and_corruption(lab_env, cli):
-    r = cli(*lab_args(lab_env), timeout=1500)
+    r = cli(*lab_args(lab_env, "--report"), timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # --report: the page of this run, its checks (run in the same process after the plotting
+    # library was found) all passed or skipped
+    page = (lab_env["state"] / "report" / "lab-report.html").read_text()
+    assert "lab passed" in page and "<svg" in page and ">build<" in page
+    assert "</b> failed" in page and "<b>0</b> failed" in page
     lock = json.loads((lab_env["state"] / "lab.lock.json").read_text())
     assert lock["recipe"]["name"] == "fake-qemu"
     assert len(lock["source"]["sha256"]) == 64
@@ -93,9 +98,11 @@ def test_lab_stops_at_failing_step_and_resumes(lab_env, cli, tmp_path):
     blocker.parent.mkdir()
     blocker.write_text("in the way")
     e = dict(lab_env, prefix=str(blocker.parent))
-    r = cli(*lab_args(e), timeout=1500)
+    r = cli(*lab_args(e, "--report"), timeout=1500)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "lab stopped at install" in r.stderr
+    page = (lab_env["state"] / "report" / "lab-report.html").read_text()   # --report: also now
+    assert "lab FAILED at step install" in page
     state = json.loads((lab_env["state"] / "lab" / "state.json").read_text())
     assert state["failed"] == "install" and "build" in state["done"]
     blocker.unlink()

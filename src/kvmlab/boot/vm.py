@@ -59,9 +59,20 @@ KEEP_RUNS = 20
 KERNEL_FORMATS = ("auto", "bzimage", "vmlinux")
 
 
+def last_path(settings: Settings) -> Path:
+    """The last boot-test's results (a list of BootResult records)."""
+    return settings.state_dir / "vm" / "last-boot.json"
+
+
+def runs_dir(settings: Settings) -> Path:
+    """Where every boot-test run keeps its directory (result.json, serial log; the newest
+    KEEP_RUNS are kept)."""
+    return settings.state_dir / "vm" / "runs"
+
+
 def write_last(settings: Settings, results: list[BootResult]) -> Path:
     """Record the last boot-test run for `invoke verify --step boot` (kvmlab.checks.test_boot)."""
-    p = settings.state_dir / "vm" / "last-boot.json"
+    p = last_path(settings)
     atomic_write_json(p, [r.to_dict() for r in results])
     return p
 
@@ -145,7 +156,7 @@ class _RunDir:
 
 def _new_run(settings: Settings, kind: str) -> _RunDir:
     nonce = new_nonce()
-    runs = settings.state_dir / "vm" / "runs"
+    runs = runs_dir(settings)
     runs.mkdir(parents=True, exist_ok=True)
     run_dir = runs / (time.strftime("%Y%m%d-%H%M%S") + f"-{kind}-{nonce[:6]}")
     run_dir.mkdir()

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,10 @@ def collect(recipe: Recipe, builder: str, bdir: Path, out: Path, manifest: dict,
             deps: DepsFn | None = None) -> dict:
     """A qemu build's artifacts (binaries, firmware, option ROMs, data dirs) into out/."""
     def fill(tmp: Path) -> dict:
+        t0 = time.monotonic()
         arts = _files(recipe, bdir, tmp) + _data_dirs(recipe, bdir, tmp)
+        if isinstance(manifest.get("timings"), dict):   # the build's phases: copying artifacts
+            manifest["timings"]["collect"] = round(time.monotonic() - t0, 3)
         full = {**manifest, "artifacts": arts}
         if deps is not None:
             elves = [(a["path"], bdir / a["source"], needed) for a in arts

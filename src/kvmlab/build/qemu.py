@@ -48,6 +48,10 @@ from kvmlab.source import prepare as pipeline
 from kvmlab.source.fetch import check_source
 
 COMPILER_FILE = ".kvmlab-compiler"
+# in the build tree: "<phase> <epoch seconds>" when configure and make start, "end ..." when
+# the last one ends (written by the builder's shell or run_native; read by read_phases)
+PHASES_FILE = ".kvmlab-phases"
+PHASES = ("configure", "make")
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,11 +117,41 @@ def _script(configure: list[str], make: list[str]) -> str:
     return "\n".join([
         "set -e",
         f"cc --version 2>/dev/null | head -n 1 > {COMPILER_FILE} || true",
+        _mark("configure", truncate=True),
         f"echo '+ {c}'" if "'" not in c else "true",
         c,
+        _mark("make"),
         f"echo '+ {m}'" if "'" not in m else "true",
         m,
+        _mark("end"),
     ])
+
+
+def _mark(phase: str, truncate: bool = False) -> str:
+    """A shell line that records when a phase starts (date +%s.%N: GNU date, as in both
+    builder images; a date without %N gives whole seconds, read all the same)."""
+    return f'echo "{phase} $(date +%s.%N)" {">" if truncate else ">>"} {PHASES_FILE} || true'
+
+
+def read_phases(bdir: Path) -> dict[str, float]:
+    """Seconds per phase (configure, make) from the marks in the build tree; a phase without
+    both marks (an older tree, a failed run) is left out."""
+    try:
+        lines = (bdir / PHASES_FILE).read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    marks: list[tuple[str, float]] = []
+    for line in lines:
+        name, _, when = line.partition(" ")
+        try:
+            marks.append((name, float(when.strip().rstrip("N").rstrip("."))))
+        except ValueError:
+            continue
+    out = {}
+    for (name, t0), (_, t1) in zip(marks, marks[1:], strict=False):
+        if name in PHASES and t1 >= t0:
+            out[name] = round(t1 - t0, 3)
+    return out
 
 
 def source_date_epoch(src: Path) -> int:
@@ -172,9 +206,10 @@ def read_build_config(bdir: Path) -> dict[str, str | None]:
 # running configure + make on the host (the native builder)
 
 def run_native(bdir: Path, cmds: list[list[str]], env: dict[str, str], sink: LogSink,
-               timeout: float) -> int:
+               timeout: float, phases: tuple[str, ...] = ()) -> int:
     """Run the commands one after the other in bdir, output to sink; the exit status of the
-    first that fails (0: all passed). The whole run is killed after timeout seconds."""
+    first that fails (0: all passed). The whole run is killed after timeout seconds. ``phases``
+    names the commands: their start times go to PHASES_FILE as the builder script writes them."""
     full_env = {**os.environ, **env}
     if Path("/usr/lib/ccache").is_dir():
         full_env["PATH"] = "/usr/lib/ccache:" + full_env.get("PATH", "")
@@ -184,7 +219,12 @@ def run_native(bdir: Path, cmds: list[list[str]], env: dict[str, str], sink: Log
         (bdir / COMPILER_FILE).write_text(out.stdout.splitlines()[0] + "\n" if out.stdout else "")
     except KvmlabError:
         pass
-    for cmd in cmds:
+    marks = bdir / PHASES_FILE
+    marks.unlink(missing_ok=True)
+    for i, cmd in enumerate(cmds):
+        if i < len(phases):
+            with open(marks, "a") as f:
+                f.write(f"{phases[i]} {time.time():.3f}\n")
         sink.write("+ " + " ".join(shlex.quote(a) for a in cmd) + "\n")
         try:
             rc = proc.stream(cmd, cwd=bdir, env=full_env, on_line=sink.write,
@@ -199,6 +239,9 @@ def run_native(bdir: Path, cmds: list[list[str]], env: dict[str, str], sink: Log
             return 127
         if rc != 0:
             return rc
+    if phases:
+        with open(marks, "a") as f:
+            f.write(f"end {time.time():.3f}\n")
     return 0
 
 
@@ -317,7 +360,8 @@ def _run(job: _Job, offline: bool) -> BuildResult:
                 raise BuildError(f"build of {job.recipe.name} with {job.builder} failed "
                                  f"(exit {rc})", hint=f"full log: {job.log}; build tree: "
                                                       f"{job.bdir}")
-            manifest = _manifest(job, t0, {"copy": round(t_copy, 3), "run": round(t_run, 3)})
+            manifest = _manifest(job, t0, {"copy": round(t_copy, 3), "run": round(t_run, 3),
+                                           **read_phases(job.bdir)})
             collect.completed_stamp(job.bdir).write(job.inputs, {"out": str(job.out)})
             manifest = collect.collect(job.recipe, job.builder, job.bdir, job.out, manifest,
                                        lambda elves: _deps(job, manifest, elves))
@@ -335,7 +379,7 @@ def _configure_make(job: _Job, sink: LogSink) -> int:
            "LC_ALL": "C"}
     configure = with_prefix_map(job.configure, job.bdir)
     if job.builder == "native":
-        return run_native(job.bdir, [configure, job.make], env, sink, job.timeout)
+        return run_native(job.bdir, [configure, job.make], env, sink, job.timeout, PHASES)
     env.update({"CCACHE_DIR": CCACHE_DIR, "PATH": CONTAINER_PATH})
     assert job.image_ref is not None
     return run_in_container(job.client, job.image_ref, _script(configure, job.make),
@@ -358,7 +402,8 @@ def _manifest(job: _Job, t0: float, timings: dict[str, float]) -> dict[str, Any]
         "inputs_sha256": json_sha256(job.inputs),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.monotonic() - t0, 1),
-        # where the time went: copying the tree, configure+make (container/host run)
+        # where the time went (seconds): copy (the tree), run (configure + make in the builder)
+        # split into configure and make, then deps and collect (kvmlab.build.collect)
         "timings": timings,
     }
 

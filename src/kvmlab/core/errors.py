@@ -84,3 +84,7 @@ class VerifyError(KvmlabError):
 
 class LabError(KvmlabError):
     """The lab pipeline or its lock comparison failed."""
+
+
+class ReportError(KvmlabError):
+    """The lab report cannot be drawn or written (no lab recorded, plotting library missing)."""

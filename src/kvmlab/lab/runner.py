@@ -28,7 +28,7 @@ from kvmlab.core.records import to_jsonable
 from kvmlab.core.settings import Settings
 from kvmlab.core.stamps import Stamp
 from kvmlab.host import doctor as host
-from kvmlab.lab import steps
+from kvmlab.lab import runlog, steps
 from kvmlab.lab.steps import Ctx, LabOptions, StepOutcome
 from kvmlab.model.manifests import BuildManifest, LabLock
 from kvmlab.model.recipe import load_recipe
@@ -125,10 +125,13 @@ def run_lab(settings: Settings, opts: LabOptions, *, resume: bool = False,
     if opts.source:
         fetch.check_source(opts.source, load_recipe(settings.recipes_dir, opts.recipe))
     run = _Run(settings, opts, resume)
+    log = runlog.RunLog(settings, opts)   # the timeline, for `invoke report`
     outcomes = run.result.outcomes
     for step in steps.STEPS:
+        started = time.time()
         if step.name in opts.skip:
             outcomes.append(StepOutcome(step.name, "skipped", figure="--skip"))
+            log.step(outcomes[-1], started)
             continue
         if on_step:
             on_step(step.name)
@@ -143,13 +146,17 @@ def run_lab(settings: Settings, opts: LabOptions, *, resume: bool = False,
                 outcomes.append(out)
                 run.result.failed, run.result.error = out, e
                 run.save(failed=step.name)
+                log.step(out, started)
+                log.failed(step.name, e)
                 return run.result
             out.seconds = time.monotonic() - t0
             run.done[step.name] = {"record": out.record}
             run.save(failed=None)
         outcomes.append(out)
+        log.step(out, started)
         run.c.records[step.name] = out.record
     atomic_write_json(lock_path(settings), make_lock(run.c))
+    log.finish()
     run.result.lock_path = lock_path(settings)
     return run.result
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmlab import install
+from kvmlab.boot import vm
 from kvmlab.core.errors import KvmlabError
 from kvmlab.core.fsutil import read_json
 from kvmlab.core.records import to_jsonable
@@ -118,14 +119,23 @@ def _fetched(s: Settings) -> list[Entry]:
     return out
 
 
-def _built(s: Settings) -> list[Entry]:
+def build_manifests(s: Settings) -> list[tuple[str, Path, dict[str, Any]]]:
+    """Every out/<recipe>/<builder>/manifest.json as (recipe/builder, path, its JSON object;
+    {} when unreadable)."""
     out = []
     for mf in sorted(s.out_dir.glob("*/*/manifest.json")):
-        m = read_json(mf, {}) or {}
-        arts = m.get("artifacts", []) if isinstance(m, dict) else []
-        out.append(Entry(f"{mf.parent.parent.name}/{mf.parent.name}", str(mf),
-                         f"{len(arts)} artifact(s)"))
+        try:
+            m = read_json(mf, {}) or {}
+        except (OSError, ValueError):
+            m = {}
+        out.append((f"{mf.parent.parent.name}/{mf.parent.name}", mf,
+                    m if isinstance(m, dict) else {}))
     return out
+
+
+def _built(s: Settings) -> list[Entry]:
+    return [Entry(name, str(mf), f"{len(m.get('artifacts') or [])} artifact(s)")
+            for name, mf, m in build_manifests(s)]
 
 
 def _installed(s: Settings) -> list[Entry]:
@@ -139,7 +149,7 @@ def _installed(s: Settings) -> list[Entry]:
 
 
 def _last_boot(s: Settings, problems: list[str]) -> dict[str, Any] | None:
-    p = s.state_dir / "vm" / "last-boot.json"
+    p = vm.last_path(s)
     try:
         runs = read_json(p, None)
     except (OSError, ValueError) as e:
@@ -152,13 +162,24 @@ def _last_boot(s: Settings, problems: list[str]) -> dict[str, Any] | None:
                                      for r in runs if isinstance(r, dict)]}
 
 
-def _doctor(s: Settings) -> dict[str, Any] | None:
+def doctor_record(s: Settings) -> tuple[Path, dict[str, Any]] | None:
+    """The lab's last doctor record ({"facts": ..., "checks": [...]}; older labs recorded the
+    facts only) and the stamp it is kept in; None when no lab recorded one."""
     st = runner.stamp(s, "doctor")
     data = st.read()
-    facts = (((data or {}).get("record") or {}).get("record") or {}).get("facts")
-    if not isinstance(facts, dict):
+    rec = ((data or {}).get("record") or {}).get("record")
+    if not isinstance(rec, dict) or not isinstance(rec.get("facts"), dict):
         return None
-    return {"path": str(st.path), "verdict": facts.get("verdict"), "usable": facts.get("usable")}
+    return st.path, rec
+
+
+def _doctor(s: Settings) -> dict[str, Any] | None:
+    found = doctor_record(s)
+    if found is None:
+        return None
+    path, rec = found
+    return {"path": str(path), "verdict": rec["facts"].get("verdict"),
+            "usable": rec["facts"].get("usable")}
 
 
 def _next_steps(s: Settings, recipe: Recipe) -> list[NextStep]:

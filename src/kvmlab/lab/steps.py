@@ -155,7 +155,11 @@ def _load_modules(c: Ctx) -> StepOutcome:
 def _doctor(c: Ctx) -> StepOutcome:
     rep = host.doctor()
     facts = rep.facts()
-    return StepOutcome("doctor", "ok", figure=facts.get("verdict", ""), record={"facts": facts})
+    # the doctor's table too (what `doctor --json` shows), for the report
+    checks = [{"name": c.name, "status": c.shown_status, "value": c.value,
+               "explanation": c.explanation, "hint": c.hint} for c in rep.checks]
+    return StepOutcome("doctor", "ok", figure=facts.get("verdict", ""),
+                       record={"facts": facts, "checks": checks})
 
 
 def _create_image(c: Ctx) -> StepOutcome:

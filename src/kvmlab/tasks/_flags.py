@@ -374,6 +374,7 @@ FLAGS: dict[str, FlagType] = {
     "prefix": install_root("prefix"),
     "destdir": install_root("destdir"),
     "path": new_file(),
+    "output": new_file(),     # report --output
 }
 
 TASK_FLAGS: dict[tuple[str, str], Callable[[], FlagType]] = {

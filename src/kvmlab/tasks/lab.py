@@ -1,14 +1,18 @@
 """lab and repro-check tasks."""
 from __future__ import annotations
 
+from typing import Any
+
 from invoke import Context
 
 from kvmlab.core import ui
 from kvmlab.core.errors import LabError
 from kvmlab.core.records import to_jsonable
-from kvmlab.lab import remote, steps
+from kvmlab.core.settings import Settings
+from kvmlab.lab import remote, runlog, steps
 from kvmlab.lab import runner as lab_mod
 from kvmlab.lab import verify as verify_mod
+from kvmlab.report import page, plots
 
 from ._common import settings, task
 
@@ -34,29 +38,24 @@ from ._common import settings, task
     "no_verify": "skip the testinfra checks at the end",
     "nested": "last step: the nested KVM lab (invoke nested) with this recipe's build",
     "nested_cpu": "--nested: the lab VM's -cpu model",
+    "report": "write the HTML lab report at the end, also when the lab fails (invoke report)",
 })
 def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", hosts: str = "",
         prefix: str = "", destdir: str = "", source: str = "", offline: bool = False,
         jobs: int = 2, guest: str = "tiny", qemu: str = "", skip: str = "",
         resume: bool = False, check: bool = False, force: bool = False, timeout: float = 0,
         install_deps: bool = False, no_verify: bool = False, nested: bool = False,
-        nested_cpu: str = "max", json_: bool = False) -> None:
+        nested_cpu: str = "max", report: bool = False, json_: bool = False) -> None:
     """The whole pipeline (fetch ... boot-test), recorded in lab.lock.json; --check compares."""
     s = settings(ctx, recipe=recipe, builder=builder)
+    if report:
+        if check or hosts:
+            raise LabError("--report goes with a lab run on this host, not with "
+                           f"--{'check' if check else 'hosts'}",
+                           hint="leave out --report; `invoke report` draws the last local run")
+        plots.require()    # before the run: the report's plotting library is there
     if check:
-        diffs = lab_mod.check(s)
-        doc = {"lock": str(lab_mod.lock_path(s)), "matches": not diffs,
-               "differences": [{"what": d.key, "locked": d.locked, "now": d.now} for d in diffs]}
-        if diffs:
-            ui.table("differences from lab.lock.json", ["what", "locked", "now", "status"],
-                     [(d.key, d.locked[:70], d.now[:70], "fail") for d in diffs])
-            raise LabError(f"{len(diffs)} difference(s) from {lab_mod.lock_path(s)}: " +
-                           ", ".join(d.key for d in diffs[:4]),
-                           hint="re-run `invoke lab` to bring this host back to the lock"
-                           ).with_report(doc)
-        ui.info(f"[green]matches[/green] {lab_mod.lock_path(s)}")
-        if json_:
-            ui.emit_json(doc)
+        _check(s, json_)
         return
     opts = lab_mod.LabOptions(
         recipe=s.recipe, builder=s.builder, accel=accel, prefix=prefix or None,
@@ -75,21 +74,57 @@ def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", 
     lab_mod.print_summary(res)
     doc = res.to_dict()
     if res.error and res.failed:
+        _report(s, report, doc)
         raise LabError(f"lab stopped at {res.failed.step}: {res.error.message}",
                        hint=(res.error.hint + "; " if res.error.hint else "") +
                        "fix it, then `invoke lab --resume` continues from there").with_report(doc)
     ui.info(f"lock written: {res.lock_path}")
     if not no_verify:
-        checks = [c for c in steps.checks_of_run() if c in verify_mod.available_steps(s)]
-        report = verify_mod.run_checks(s, checks, ["local://"], extra_env=lab_mod.verify_env(res))
-        verify_mod.print_report(report)
-        doc["checks"] = report.to_dict()["results"]
-        if not report.ok:
-            raise LabError("lab finished but its checks failed: " +
-                           ", ".join(f"{r.step}/{r.name}" for r in report.failed()[:5])
-                           ).with_report(doc)
+        _verify(s, res, doc, report)
+    _report(s, report, doc)
     if json_:
         ui.emit_json(doc)
+
+
+def _check(s: Settings, json_: bool) -> None:
+    """lab --check: this host against lab.lock.json."""
+    diffs = lab_mod.check(s)
+    doc = {"lock": str(lab_mod.lock_path(s)), "matches": not diffs,
+           "differences": [{"what": d.key, "locked": d.locked, "now": d.now} for d in diffs]}
+    if diffs:
+        ui.table("differences from lab.lock.json", ["what", "locked", "now", "status"],
+                 [(d.key, d.locked[:70], d.now[:70], "fail") for d in diffs])
+        raise LabError(f"{len(diffs)} difference(s) from {lab_mod.lock_path(s)}: " +
+                       ", ".join(d.key for d in diffs[:4]),
+                       hint="re-run `invoke lab` to bring this host back to the lock"
+                       ).with_report(doc)
+    ui.info(f"[green]matches[/green] {lab_mod.lock_path(s)}")
+    if json_:
+        ui.emit_json(doc)
+
+
+def _verify(s: Settings, res: lab_mod.LabResult, doc: dict[str, Any], report: bool) -> None:
+    """The checks of every step of the run, recorded in the run's log for the report."""
+    checks = [c for c in steps.checks_of_run() if c in verify_mod.available_steps(s)]
+    checked = verify_mod.run_checks(s, checks, ["local://"], extra_env=lab_mod.verify_env(res))
+    verify_mod.print_report(checked)
+    results = checked.to_dict()["results"]
+    doc["checks"] = results
+    runlog.add_checks(s, results)     # for `invoke report`
+    if not checked.ok:
+        _report(s, report, doc)
+        raise LabError("lab finished but its checks failed: " +
+                       ", ".join(f"{r.step}/{r.name}" for r in checked.failed()[:5])
+                       ).with_report(doc)
+
+
+def _report(s: Settings, enabled: bool, doc: dict[str, Any]) -> None:
+    """lab --report: the HTML report of the run that just ended (its path also in the JSON)."""
+    if not enabled:
+        return
+    path, _rep = page.write_report(s)
+    doc["report"] = str(path)
+    ui.info(f"report written: {path}")
 
 
 @task(help={"recipe": "recipe to build", "builder": "builder", "source": "local source",
