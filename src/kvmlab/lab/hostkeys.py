@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import fnmatch
 import hashlib
 import hmac
+import re
 import socket
 import threading
 from dataclasses import dataclass
@@ -99,13 +99,19 @@ def _hashed_match(field: str, name: str) -> bool:
     return hmac.compare_digest(hmac.new(salt, name.encode(), hashlib.sha1).digest(), digest)
 
 
+def _glob(pattern: str, name: str) -> bool:
+    """ssh's patterns: ``*`` and ``?`` only (``[`` is literal: ``[host]:port``)."""
+    rx = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(rx, name) is not None
+
+
 def _names_match(field: str, name: str) -> bool:
     if field.startswith("|1|"):
         return _hashed_match(field, name)
     hit = False
     for pat in field.split(","):
         negate = pat.startswith("!")
-        if fnmatch.fnmatchcase(name, pat[1:] if negate else pat):
+        if _glob(pat[1:] if negate else pat, name):
             if negate:
                 return False
             hit = True
@@ -168,16 +174,18 @@ class KnownHosts:
 def decide(kh: KnownHosts, label: str, address: str, port: int, keytype: str, blob: bytes,
            accept_new: bool) -> str:
     """Accept the key ``address:port`` offered, record it (accept_new), or raise HostKeyError.
-    Returns what happened: ``known`` or ``recorded``."""
+    ``label``: the inventory's name for the host ("" for none). Returns what happened:
+    ``known`` or ``recorded``."""
     name = host_name(address, port)
     known = kh.lookup(name)
     if any(k.keytype == keytype and k.blob == blob for k in known):
         return "known"
+    who = name if label in ("", name) else f"{label} ({name})"
     offered = f"{type_label(keytype)} key {fingerprint(blob)}"
     if known:
         old = next((k for k in known if k.keytype == keytype), known[0])
         raise ChangedHostKey(
-            f"REMOTE HOST IDENTIFICATION HAS CHANGED for {label} ({name}): it offers {offered}, "
+            f"REMOTE HOST IDENTIFICATION HAS CHANGED for {who}: it offers {offered}, "
             f"but {old.where} lists {type_label(old.keytype)} key {old.fingerprint}; refused "
             "(someone may be intercepting the connection, or the host was reinstalled)",
             hint=f"if you know why the key changed, delete line {old.line} of {old.file} "
@@ -185,12 +193,12 @@ def decide(kh: KnownHosts, label: str, address: str, port: int, keytype: str, bl
                  "never replaces a known key")
     if not accept_new:
         raise UnknownHostKey(
-            f"host key of {label} ({name}) is unknown: {offered}; nothing was sent to it",
+            f"host key of {who} is unknown: {offered}; nothing was sent to it",
             hint="verify the fingerprint (on the host: ssh-keygen -lf "
                  f"/etc/ssh/ssh_host_{type_label(keytype).lower()}_key.pub) and re-run with "
                  f"--accept-new-host-keys, or add the key to {kh.own} or ~/.ssh/known_hosts")
     kh.record(name, keytype, blob)
-    ui.info(f"recorded the host key of {label} ({name}): {offered}, in {kh.own}")
+    ui.info(f"recorded the host key of {who}: {offered}, in {kh.own}")
     return "recorded"
 
 
@@ -230,7 +238,7 @@ def check_host(kh: KnownHosts, label: str, address: str, port: int, accept_new: 
             finally:
                 t.close()
     except (OSError, EOFError, paramiko.SSHException) as e:
-        raise HostUnreachable(f"{label}: no ssh handshake with {address}:{port}: "
+        raise HostUnreachable(f"{label or address}: no ssh handshake with {address}:{port}: "
                               f"{type(e).__name__}: {e}".strip(),
                               hint="is sshd running there and the port right?") from None
     return decide(kh, label, address, port, key.get_name(), key.asbytes(), accept_new)
@@ -272,7 +280,7 @@ def changed_error(kh: KnownHosts, label: str, address: str, port: int,
         decide(kh, label, address, port, key.get_name(), key.asbytes(), accept_new=False)
     except HostKeyError as e:
         return e
-    return ChangedHostKey(f"host key of {label} changed: {exc}",
+    return ChangedHostKey(f"host key of {label or host_name(address, port)} changed: {exc}",
                           hint="check the known_hosts files: " +
                                ", ".join(str(p) for p in kh.files))
 

@@ -140,12 +140,12 @@ def _run_one(settings: Settings, opts: LabOptions, h: HostSpec, bundle: bytes, o
         with Connection(h.address, user=h.user, port=h.port, connect_kwargs=kw,
                         connect_timeout=connect_timeout) as c:
             # Fabric's Connection comes with AutoAddPolicy: check keys as ssh does instead
-            hostkeys.prepare_client(c.client, kh, h.label, h.address, h.port, accept_new)
+            hostkeys.prepare_client(c.client, kh, h.name, h.address, h.port, accept_new)
             return _push_and_run(c, settings, opts, h, bundle, out_tar, command_timeout, t0)
     except HostKeyError as e:
         return failed(f"refused: {e.message}")
     except paramiko.BadHostKeyException as e:
-        err = hostkeys.changed_error(kh, h.label, h.address, h.port, e)
+        err = hostkeys.changed_error(kh, h.name, h.address, h.port, e)
         return failed(f"refused: {err.message}")
     except (OSError, EOFError, paramiko.SSHException, CommandTimedOut, UnexpectedExit) as e:
         # unreachable, refused, auth failure, dropped connection, timeout, a setup command failed
@@ -174,7 +174,7 @@ def check_host_keys(settings: Settings, hosts: list[HostSpec], accept_new: bool,
 
     def one(h: HostSpec) -> HostKeyError | None:
         try:
-            hostkeys.check_host(kh, h.label, h.address, h.port, accept_new, timeout)
+            hostkeys.check_host(kh, h.name, h.address, h.port, accept_new, timeout)
         except HostKeyError as e:
             return e
         except HostUnreachable:

@@ -167,7 +167,7 @@ def _add_spec(t: Targets, spec: str, cfg: Path) -> None:
             port = url.port or 22
         except ValueError:
             raise VerifyError(f"host {spec!r}: not a port number", hint="ssh://user@host:PORT")
-        t.keys.append((spec, url.hostname or "", port))
+        t.keys.append(("", url.hostname or "", port))
         if url.scheme != "paramiko":   # paramiko:// checks no keys itself: the pre-check does
             q = urllib.parse.urlencode({**{k: v[0] for k, v in query.items()},
                                         "ssh_config": str(cfg)})
@@ -186,7 +186,7 @@ def _add_inventory_host(t: Targets, h: HostSpec, cfg: Path) -> None:
                      f"  User {h.user}"]
         if h.key:
             t.config += [f"  IdentityFile {_quote(h.key)}", "  IdentitiesOnly yes"]
-        t.keys.append((h.label, h.address, h.port))
+        t.keys.append((h.name, h.address, h.port))
         spec, pid = f"ssh://{alias}?ssh_config={cfg}", f"ssh://{alias}"
     t.specs.append(spec)
     t.groups[pid] = list(h.groups)
