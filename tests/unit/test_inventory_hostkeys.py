@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,34 @@ def test_openssh_options_name_both_files(tmp_path):
     opts = hostkeys.openssh_options(kh)
     assert "StrictHostKeyChecking yes" in opts
     assert f'UserKnownHostsFile "{tmp_path / "own"}" "{tmp_path / "user"}"' in opts
+
+
+# ---------------------------------------------------------------------------------------------
+# without the [hosts] extra
+
+
+def test_core_imports_no_ssh_or_ansible_package():
+    code = ("import sys, kvmlab.cli, kvmlab.tasks, kvmlab.lab.remote, kvmlab.lab.verify; "
+            "print(sorted(m for m in ('fabric', 'paramiko', 'ansible') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
+
+
+def test_missing_extra_is_one_error_naming_it(tmp_path, monkeypatch):
+    from kvmlab.lab import inventory, remote
+    monkeypatch.setitem(sys.modules, "paramiko", None)   # import paramiko -> ImportError
+    monkeypatch.setitem(sys.modules, "fabric", None)
+    kh = KnownHosts(tmp_path / "own")
+    with pytest.raises(LabError) as e:
+        hostkeys.check_host(kh, "h", "127.0.0.1", 9, accept_new=False)
+    assert "kvmlab[hosts]" in e.value.hint
+    with pytest.raises(LabError) as e:
+        remote._fabric()
+    assert "kvmlab[hosts]" in e.value.hint
+    monkeypatch.setattr(inventory.importlib.util, "find_spec", lambda name: None)
+    inv = tmp_path / "inv.ini"
+    inv.write_text("[db]\nh1\n")
+    with pytest.raises(LabError) as e:
+        load_hosts(str(inv))
+    assert "ansible-core is not installed" in e.value.message and "kvmlab[hosts]" in e.value.hint
