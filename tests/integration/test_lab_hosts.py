@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
 @pytest.fixture
 def hosts3(kvmlab_env, tmp_path):
+    pytest.importorskip("fabric", reason="the [hosts] extra is not installed")
     from kvmlab.build.images import docker_client
     from kvmlab.core.errors import DockerError
     try:
