@@ -226,3 +226,19 @@ def test_missing_extra_is_one_error_naming_it(tmp_path, monkeypatch):
     with pytest.raises(LabError) as e:
         load_hosts(str(inv))
     assert "ansible-core is not installed" in e.value.message and "kvmlab[hosts]" in e.value.hint
+
+
+@needs_ansible
+def test_verify_specs_from_an_inventory_and_own_ssh_config_left_alone(tmp_path):
+    from kvmlab.core.settings import load_settings
+    from kvmlab.lab import verify
+    inv = tmp_path / "inv.ini"
+    inv.write_text("[ctl]\nhere ansible_connection=local\n"
+                   "[boxes]\nbox ansible_connection=docker ansible_host=kvmlab-c1\n")
+    s = load_settings({"state_dir": str(tmp_path / "state")})
+    own = "ssh://root@127.0.0.1:9?ssh_config=/x/ssh_config"   # never contacted: its file rules
+    cfg = tmp_path / "ssh_config"
+    t = verify.resolve_hosts(s, [str(inv), own], cfg)
+    assert t.specs == ["docker://kvmlab-c1", "local://", own]
+    assert t.groups == {"docker://kvmlab-c1": ["boxes"], "local://": ["ctl"]}
+    assert t.keys == [] and "StrictHostKeyChecking yes" in cfg.read_text()

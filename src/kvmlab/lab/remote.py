@@ -102,13 +102,15 @@ def _fabric() -> tuple[Any, Any]:
 
 def _push_and_run(c: Any, settings: Settings, opts: LabOptions, h: HostSpec, bundle: bytes,
                   out_tar: bytes, command_timeout: float, t0: float) -> HostResult:
+    # in_stream=False: the hosts never read the controller's stdin (parallel threads)
     c.run(f"rm -rf {REMOTE_ROOT}/lib && mkdir -p {REMOTE_ROOT}", hide=True,
-          timeout=command_timeout)
+          timeout=command_timeout, in_stream=False)
     for name, data in (("bundle.tar.gz", bundle), ("out.tar.gz", out_tar)):
         c.put(io.BytesIO(data), f"{REMOTE_ROOT}/{name}")
         c.run(f"tar -xzf {REMOTE_ROOT}/{name} -C {REMOTE_ROOT}", hide=True,
-              timeout=command_timeout)
-    r = c.run(remote_command(opts), hide=True, warn=True, timeout=command_timeout)
+              timeout=command_timeout, in_stream=False)
+    r = c.run(remote_command(opts), hide=True, warn=True, timeout=command_timeout,
+              in_stream=False)
     output = (r.stdout or "") + (r.stderr or "")
     lock = None
     if r.ok:

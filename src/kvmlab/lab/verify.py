@@ -169,7 +169,8 @@ def _add_spec(t: Targets, spec: str, cfg: Path) -> None:
             raise VerifyError(f"host {spec!r}: not a port number", hint="ssh://user@host:PORT")
         t.keys.append(("", url.hostname or "", port))
         if url.scheme != "paramiko":   # paramiko:// checks no keys itself: the pre-check does
-            q = urllib.parse.urlencode({**{k: v[0] for k, v in query.items()},
+            q = urllib.parse.urlencode({"controlpersist": "0",
+                                        **{k: v[0] for k, v in query.items()},
                                         "ssh_config": str(cfg)})
             spec = urllib.parse.urlunsplit(url._replace(query=q))
     t.specs.append(spec)
@@ -187,11 +188,26 @@ def _add_inventory_host(t: Targets, h: HostSpec, cfg: Path) -> None:
         if h.key:
             t.config += [f"  IdentityFile {_quote(h.key)}", "  IdentitiesOnly yes"]
         t.keys.append((h.name, h.address, h.port))
-        spec, pid = f"ssh://{alias}?ssh_config={cfg}", f"ssh://{alias}"
+        spec, pid = f"ssh://{alias}?ssh_config={cfg}&controlpersist=0", f"ssh://{alias}"
     t.specs.append(spec)
     t.groups[pid] = list(h.groups)
     t.hosts.append({"host": pid, "name": h.name, "address": h.address, "port": h.port,
                     "user": h.user, "connection": h.connection, "groups": list(h.groups)})
+
+
+def _multiplexing(cfg: Path) -> list[str]:
+    """One ssh connection per host for the whole run (a check runs dozens of commands; a new
+    login each costs ~0.2 s), its master ended by ``end_masters`` (socket beside ``cfg``)."""
+    path = cfg.parent / "cm-%C"
+    if len(str(path)) + 40 > 100:      # %C is 40 characters; a unix socket path has ~108
+        return []
+    return ["  ControlMaster auto", f"  ControlPath {_quote(path)}", "  ControlPersist 120"]
+
+
+def end_masters(cfg: Path) -> None:
+    """Stop the ssh connection masters of this run (``ssh -O exit``)."""
+    for sock in cfg.parent.glob("cm-*"):
+        proc.run(["ssh", "-S", str(sock), "-O", "exit", "kvmlab-verify"], timeout=30)
 
 
 def resolve_hosts(settings: Settings, items: list[str], cfg: Path,
@@ -230,7 +246,7 @@ def resolve_hosts(settings: Settings, items: list[str], cfg: Path,
             raise type(refused[0])(refused[0].message + more, hint=refused[0].hint)
     user_cfg = Path.home() / ".ssh" / "config"
     lines = [*t.config, "Host *", *(f"  {o}" for o in hostkeys.openssh_options(kh)),
-             "  BatchMode yes", "  LogLevel ERROR"]
+             "  BatchMode yes", "  LogLevel ERROR", *_multiplexing(cfg)]
     if user_cfg.is_file():
         lines.append(f"  Include {_quote(user_cfg)}")
     cfg.write_text("\n".join(lines) + "\n")
@@ -270,7 +286,10 @@ def run_checks(settings: Settings, steps: list[str], hosts: list[str] | None = N
                 "--import-mode=importlib", f"--junitxml={xml}",
                 "-o", "addopts=", "-o", "norecursedirs=", "--no-header",
                 "--rootdir", str(infra), "-c", str(infra / "pytest.ini")]
-        _run_pytest(args, env)
+        try:
+            _run_pytest(args, env)
+        finally:
+            end_masters(Path(tmp) / "ssh_config")
         if xml.exists():
             report.results.extend(_parse_junit(xml))
         else:
