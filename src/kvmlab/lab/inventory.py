@@ -25,6 +25,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,10 +154,12 @@ def ansible_inventory(path: Path, pattern: str | None = None) -> dict[str, Any]:
     argv = [sys.executable, "-m", "ansible.cli.inventory", "--list", "-i", str(path)]
     if pattern:
         argv += ["--limit", pattern]
-    env = {**os.environ, "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True",
-           "ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED": "True", "ANSIBLE_NOCOLOR": "1",
-           "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_DEPRECATION_WARNINGS": "False"}
-    cp = proc.run(argv, timeout=120, env=env, what="ansible-inventory")
+    with tempfile.TemporaryDirectory(prefix="kvmlab-ansible-") as tmp:
+        env = {**os.environ, "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True",
+               "ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED": "True", "ANSIBLE_NOCOLOR": "1",
+               "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_DEPRECATION_WARNINGS": "False",
+               "ANSIBLE_LOCAL_TEMP": tmp}    # its scratch files: not left in ~/.ansible
+        cp = proc.run(argv, timeout=120, env=env, what="ansible-inventory")
     if cp.returncode != 0:
         raise _ansible_error(path, cp.stderr)
     try:

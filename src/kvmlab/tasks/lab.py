@@ -17,8 +17,7 @@ from ._common import settings, task
     "recipe": "recipe to build (default: the configured recipe)",
     "builder": "debian12, centos6 or native",
     "accel": "boot-test accelerator: auto (KVM if it really works, else TCG), kvm, tcg",
-    "hosts": "inventory: run the host-side steps on these ssh hosts (FILE or FILE:GROUP; "
-             "kvmlab's list, TOML, or an Ansible INI/YAML inventory)",
+    "hosts": "run the host-side steps on these ssh hosts",
     "accept_new_host_keys": "--hosts: record the keys of hosts not yet in a known_hosts file "
                             "(ssh's accept-new) instead of refusing them; a changed key is "
                             "always refused",

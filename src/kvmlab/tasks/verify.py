@@ -15,8 +15,7 @@ from ._common import settings, task
 
 @task(help={"step": "comma-separated steps (fetch, patch, build, doctor, boot-test, ...; or a "
                     "check file's name: host, boot, kmod) or 'all'",
-            "hosts": "comma-separated testinfra hosts (local://, docker://NAME, ssh://user@host)"
-                     " or inventories (FILE, FILE:GROUP: kvmlab's list, TOML, Ansible INI/YAML)",
+            "hosts": "the hosts to check",
             "accept_new_host_keys": "record the keys of ssh hosts not yet in a known_hosts "
                                     "file (ssh's accept-new) instead of refusing them; a "
                                     "changed key is always refused",
