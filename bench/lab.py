@@ -56,7 +56,7 @@ def main() -> None:
         from kvmlab.core.settings import load_settings
         settings = load_settings()
         hostlab = ["lab", "--builder", "debian12", "--prefix", "/opt/kvmlab",
-                   "--skip", "create-image,guest,boot-test"]
+                   "--skip", "create-image,guest,boot-test", "--accept-new-host-keys"]
         with lab_hosts(settings, 3, tmp) as hosts:
             t1 = timed(hostlab + ["--hosts", str(hosts.inventory(tmp / "h1.txt", 1))], env, runs=3)
             t3 = timed(hostlab + ["--hosts", str(hosts.inventory(tmp / "h3.txt", 3))], env, runs=3)

@@ -25,6 +25,8 @@ def kvmlab_env(tmp_path, monkeypatch):
     monkeypatch.setenv("KVMLAB_STATE_DIR", str(state))
     monkeypatch.setenv("KVMLAB_CACHE", str(cache))
     monkeypatch.setenv("KVMLAB_LOCK", str(state / "kvmlab.lock"))
+    # hermetic: never the ssh host keys of whoever runs the tests
+    monkeypatch.setenv("KVMLAB_USER_KNOWN_HOSTS", str(tmp_path / "user-known_hosts"))
     monkeypatch.delenv("KVMLAB_DEBUG", raising=False)
     return load_settings()
 

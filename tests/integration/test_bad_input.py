@@ -27,6 +27,8 @@ pytestmark = pytest.mark.slow
 # Placeholders, made real by the `paths` fixture
 MISSING, DIR, EMPTY, TEXT, NOEXEC, RO_NEW, NOPARENT = (
     "@missing", "@dir", "@empty", "@text", "@noexec", "@ro/new", "@noparent/new")
+# an inventory Ansible cannot read, and a good one ([db] h1, [web] h2) for a group it lacks
+BADINV, INV = "@badinv", "@inv"
 
 BY_TYPE: dict[str, list[str]] = {
     "INT": ["abc", "0.5", "-5", "0", "1e3"],
@@ -42,6 +44,8 @@ BY_TYPE: dict[str, list[str]] = {
     "ROOT": [TEXT, TEXT + "/sub"],
     "SIZE": ["abc", "0", "-1G", "10X"],
     "CPU": ["", "max;reboot", "-svm", "max,,svm"],
+    "INVENTORY": [MISSING, BADINV, INV + ":nope", EMPTY],
+    "HOSTS": [MISSING, BADINV, INV + ":nope", "local://," + INV + ":nope", ""],
 }
 # Values a flag's own meaning refuses beyond its type (a text file is not a kernel, ...)
 BY_FLAG: dict[str, list[str]] = {
@@ -117,6 +121,8 @@ def world(tmp_path_factory):
     (root / "empty").write_bytes(b"")
     (root / "text.txt").write_text("this is not what the flag wants\n")
     (root / "noexec").write_text("#!/bin/sh\n")
+    (root / "bad.ini").write_text("[db\nfoo\n")
+    (root / "inv.ini").write_text("[db]\nh1\n[web]\nh2\n")
     os.chmod(root / "noexec", 0o644)
     ro = root / "ro"
     ro.mkdir()
@@ -131,6 +137,7 @@ def _real(value: str, w: dict, tmp: Path) -> str:
     root = w["root"]
     table = {MISSING: str(root / "no" / "such-file"), DIR: str(root / "a-dir"),
              EMPTY: str(root / "empty"), TEXT: str(root / "text.txt"), NOEXEC: str(root / "noexec"),
+             BADINV: str(root / "bad.ini"), INV: str(root / "inv.ini"),
              NOPARENT: str(root / "no" / "such" / "x.qcow2")}
     if value == RO_NEW:
         if w["ro"] is None:

@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
 @pytest.fixture
 def hosts3(kvmlab_env, tmp_path):
+    pytest.importorskip("fabric", reason="the [hosts] extra is not installed")
     from kvmlab.build.images import docker_client
     from kvmlab.core.errors import DockerError
     try:
@@ -35,8 +36,11 @@ def test_lab_on_three_hosts_one_unreachable(hosts3, kvmlab_env, tmp_path, monkey
     import sys
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(
+        # fresh containers: their keys are new to kvmlab's known_hosts, accepted as ssh's
+        # accept-new would (tests/integration/test_hosts_inventory.py: refused without it)
         [sys.executable, "-m", "invoke", "lab", "--hosts", str(inv), "--builder", "debian12",
-         "--prefix", "/opt/kvmlab", "--skip", "create-image,guest,boot-test"],
+         "--prefix", "/opt/kvmlab", "--skip", "create-image,guest,boot-test",
+         "--accept-new-host-keys"],
         cwd=repo, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # the third host goes away while the run is under way (the controller is still building)
     dead = hosts3.containers[2]

@@ -60,6 +60,18 @@ def test_lab_vm_runs_the_kmod_kernel_with_svm_and_loads_kvm_amd(lab, tmp_path):
     with LabVM.boot(s, k, r, timeout=240, run_id=run_id) as vm:
         assert _qemu_running(vm.name)
         assert vm.run("uname -r", timeout=60).stdout.strip() == k.release
+        # the ssh host key was pinned from the console: the VM's own, and ssh refuses another
+        pub = vm.run("cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub", timeout=60).stdout
+        known = vm.run_dir / "known_hosts"
+        pinned = known.read_text()
+        assert pinned == f"[127.0.0.1]:{vm.port} {pub.strip()}\n"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                        str(tmp_path / "other")], check=True)
+        other = " ".join((tmp_path / "other.pub").read_text().split()[:2])
+        known.write_text(f"[127.0.0.1]:{vm.port} {other}\n")
+        refused = vm.run("true", timeout=60)
+        assert refused.returncode != 0 and "Host key verification failed" in refused.stderr
+        known.write_text(pinned)
         assert vm.run("grep -cw svm /proc/cpuinfo", timeout=60).stdout.strip() != "0"
         assert vm.run("python3 -c 'print(6*7)'", timeout=60).stdout.strip() == "42"
         cp = vm.run("modprobe kvm_amd && test -c /dev/kvm && stat -c %t:%T /dev/kvm",

@@ -9,19 +9,20 @@ import pytest
 
 from kvmlab.core.errors import LabError
 from kvmlab.lab import remote
+from kvmlab.lab.inventory import load_hosts
 from kvmlab.lab import runner as lab
 
 
 def test_inventory_lines_and_toml(tmp_path):
     p = tmp_path / "hosts.txt"
     p.write_text("# lab\nssh://root@127.0.0.1:2201 key=/k\nadmin@labhost\n\n127.0.0.2:2202  # c\n")
-    hosts = remote.parse_inventory(p)
+    hosts = load_hosts(str(p))
     assert [(h.user, h.address, h.port, h.key) for h in hosts] == [
         ("root", "127.0.0.1", 2201, "/k"), ("admin", "labhost", 22, None),
         ("root", "127.0.0.2", 2202, None)]
     t = tmp_path / "hosts.toml"
     t.write_text('hosts = ["ssh://a@h1:2"]\n[[host]]\naddress = "h2"\nuser = "b"\nport = 3\n')
-    assert [h.label for h in remote.parse_inventory(t)] == ["a@h1:2", "b@h2:3"]
+    assert [h.label for h in load_hosts(str(t))] == ["a@h1:2", "b@h2:3"]
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -33,7 +34,7 @@ def test_inventory_errors(tmp_path, text, needle):
     p = tmp_path / "hosts.txt"
     p.write_text(text)
     with pytest.raises(LabError) as e:
-        remote.parse_inventory(p)
+        load_hosts(str(p))
     assert needle in e.value.message
 
 

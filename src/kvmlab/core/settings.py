@@ -40,20 +40,25 @@ def _find_project_dir() -> Path:
 class Setting:
     name: str
     help: str
-    default: Any  # callable(project_dir) -> value, or a plain value
+    default: Any  # callable(project_dir, values resolved so far) -> value, or a plain value
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("home", "project directory with recipes/, patches/, docker/", lambda p: p),
-    Setting("state_dir", "where work/, out/ and lab.lock.json are written", lambda p: p),
+    Setting("home", "project directory with recipes/, patches/, docker/", lambda p, v: p),
+    Setting("state_dir", "where work/, out/ and lab.lock.json are written", lambda p, v: p),
     Setting("cache", "content-addressed download cache",
-            lambda p: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvmlab"),
-    Setting("lock", "source checksum lock file (like go.sum)", lambda p: p / "kvmlab.lock"),
-    Setting("recipes_dir", "directory of recipe files", lambda p: p / "recipes"),
+            lambda p, v: Path(os.environ.get("XDG_CACHE_HOME",
+                                             Path.home() / ".cache")) / "kvmlab"),
+    Setting("lock", "source checksum lock file (like go.sum)", lambda p, v: p / "kvmlab.lock"),
+    Setting("recipes_dir", "directory of recipe files", lambda p, v: p / "recipes"),
     Setting("patches_dir", "directory of patch series (patches/<recipe>/series)",
-            lambda p: p / "patches"),
+            lambda p, v: p / "patches"),
     Setting("recipe", "default recipe name", "qemu-kvm-0.12.1.2"),
     Setting("builder", "default builder (debian12, centos6, native)", "debian12"),
+    Setting("known_hosts", "ssh host keys kvmlab trusts and records (--accept-new-host-keys)",
+            lambda p, v: v["state_dir"] / "known_hosts"),
+    Setting("user_known_hosts", "ssh's known_hosts kvmlab also trusts (read only)",
+            lambda p, v: Path.home() / ".ssh" / "known_hosts"),
 )
 
 
@@ -72,6 +77,8 @@ class Settings:
     patches_dir: Path
     recipe: str
     builder: str
+    known_hosts: Path
+    user_known_hosts: Path
 
     def env(self) -> dict[str, str]:
         """These settings as the KVMLAB_* environment a child kvmlab (the checks, a remote
@@ -107,7 +114,8 @@ class Settings:
         return self.out_dir / recipe / builder
 
 
-_PATH_SETTINGS = {"home", "state_dir", "cache", "lock", "recipes_dir", "patches_dir"}
+_PATH_SETTINGS = {"home", "state_dir", "cache", "lock", "recipes_dir", "patches_dir",
+                  "known_hosts", "user_known_hosts"}
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None,
@@ -140,7 +148,7 @@ def resolve_settings(overrides: Mapping[str, Any] | None = None,
         elif invoke_config.get(s.name) not in (None, ""):
             v, sources[s.name] = invoke_config[s.name], "config"
         else:
-            v = s.default(project) if callable(s.default) else s.default
+            v = s.default(project, values) if callable(s.default) else s.default
             sources[s.name] = "default"
         if s.name in _PATH_SETTINGS:
             try:

@@ -8,19 +8,19 @@ recipes/) and the build output, and runs
 install-bios -> load-modules -> doctor -> create-image -> guest -> boot-test on that host and writes
 its own lab.lock.json, which is copied back. A failing or unreachable host does not stop the others.
 
-Inventory (``--hosts FILE``): one target per line (``ssh://user@host:port``, ``user@host[:port]``,
-``#`` comments, optional ``key=PATH``), or TOML: ``hosts = ["ssh://..."]`` or ``[[host]]`` tables
-with ``address``, ``user``, ``port``, ``key``.
+Inventory (``--hosts FILE`` or ``FILE:PATTERN``): kvmlab's host list or TOML, or an Ansible
+inventory (kvmlab.lab.inventory). Host keys (kvmlab.lab.hostkeys): before the build, every host's
+key is checked (an ssh handshake, no login); an unknown one is refused unless
+``--accept-new-host-keys`` records it, a changed one always; Fabric's connection then checks
+the key again (instead of its AutoAddPolicy).
 """
 from __future__ import annotations
 
 import dataclasses
 import io
-import re
 import shlex
 import tarfile
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,73 +33,15 @@ from kvmlab.core.bundle import make_bundle
 from kvmlab.core.errors import LabError
 from kvmlab.core.fsutil import atomic_write_bytes
 from kvmlab.core.settings import Settings
+from kvmlab.lab import hostkeys, steps
 from kvmlab.lab import runner as lab
-from kvmlab.lab import steps
+from kvmlab.lab.hostkeys import HostKeyError, HostUnreachable, KnownHosts
+from kvmlab.lab.inventory import HostSpec, load_hosts
 from kvmlab.lab.steps import LabOptions
 
 # the steps the controller does once for every host (the registry's controller steps)
 HOST_STEPS_SKIP = steps.CONTROLLER_STEPS
 REMOTE_ROOT = "/var/tmp/kvmlab-remote"
-
-
-@dataclass(frozen=True)
-class HostSpec:
-    address: str
-    user: str = "root"
-    port: int = 22
-    key: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.user}@{self.address}:{self.port}"
-
-
-_TARGET_RE = re.compile(r"^(?:ssh://)?(?:(?P<user>[^@\s/]+)@)?(?P<host>\[[^\]]+\]|[^:\s/]+)"
-                        r"(?::(?P<port>\d+))?/?$")
-
-
-def _parse_target(text: str, where: str) -> HostSpec:
-    parts = text.split()
-    m = _TARGET_RE.match(parts[0])
-    if not m:
-        raise LabError(f"{where}: not an ssh target: {parts[0]!r}",
-                       hint="write ssh://user@host:port or user@host[:port]")
-    key = None
-    for extra in parts[1:]:
-        if extra.startswith("key="):
-            key = extra[4:]
-        else:
-            raise LabError(f"{where}: unknown field {extra!r}", hint="only key=PATH may follow")
-    return HostSpec(address=m["host"].strip("[]"), user=m["user"] or "root",
-                    port=int(m["port"] or 22), key=key)
-
-
-def parse_inventory(path: Path) -> list[HostSpec]:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise LabError(f"cannot read inventory {path}: {e.strerror}") from None
-    hosts: list[HostSpec] = []
-    if path.suffix == ".toml":
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise LabError(f"{path}: TOML syntax error: {e}") from None
-        for i, h in enumerate(data.get("hosts", [])):
-            hosts.append(_parse_target(str(h), f"{path}: hosts[{i}]"))
-        for i, t in enumerate(data.get("host", [])):
-            if "address" not in t:
-                raise LabError(f"{path}: [[host]] #{i + 1} has no 'address'")
-            hosts.append(HostSpec(address=t["address"], user=t.get("user", "root"),
-                                  port=int(t.get("port", 22)), key=t.get("key")))
-    else:
-        for n, line in enumerate(text.splitlines(), 1):
-            line = line.split("#", 1)[0].strip()
-            if line:
-                hosts.append(_parse_target(line, f"{path}:{n}"))
-    if not hosts:
-        raise LabError(f"inventory {path} names no hosts")
-    return hosts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +70,7 @@ class HostResult:
     summary: str
     output: str = ""
     lock: Path | None = None
+    groups: list[str] = dataclasses.field(default_factory=list)
 
 
 def remote_command(opts: LabOptions, root: str = REMOTE_ROOT) -> str:
@@ -147,55 +90,131 @@ def remote_command(opts: LabOptions, root: str = REMOTE_ROOT) -> str:
             + " ".join(shlex.quote(a) for a in args))
 
 
+def _fabric() -> tuple[Any, Any]:
+    try:
+        import paramiko
+        from fabric import Connection
+    except ImportError:
+        raise LabError("lab --hosts needs Fabric, which is not installed",
+                       hint=hostkeys.HOSTS_EXTRA_HINT) from None
+    return Connection, paramiko
+
+
+def _push_and_run(c: Any, settings: Settings, opts: LabOptions, h: HostSpec, bundle: bytes,
+                  out_tar: bytes, command_timeout: float, t0: float) -> HostResult:
+    # in_stream=False: the hosts never read the controller's stdin (parallel threads)
+    c.run(f"rm -rf {REMOTE_ROOT}/lib && mkdir -p {REMOTE_ROOT}", hide=True,
+          timeout=command_timeout, in_stream=False)
+    for name, data in (("bundle.tar.gz", bundle), ("out.tar.gz", out_tar)):
+        c.put(io.BytesIO(data), f"{REMOTE_ROOT}/{name}")
+        c.run(f"tar -xzf {REMOTE_ROOT}/{name} -C {REMOTE_ROOT}", hide=True,
+              timeout=command_timeout, in_stream=False)
+    r = c.run(remote_command(opts), hide=True, warn=True, timeout=command_timeout,
+              in_stream=False)
+    output = (r.stdout or "") + (r.stderr or "")
+    lock = None
+    if r.ok:
+        buf = io.BytesIO()
+        c.get(f"{REMOTE_ROOT}/state/lab.lock.json", buf)
+        lock = settings.state_dir / "lab" / "hosts" / f"{h.address}_{h.port}.lock.json"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(lock, buf.getvalue())
+    errs = [ln for ln in output.splitlines() if ln.startswith("error:")]
+    summary = "all host-side steps passed" if r.ok else (errs[-1] if errs else
+                                                         f"exit {r.exited}")
+    return HostResult(h.label, r.ok, time.monotonic() - t0, summary, output, lock,
+                      list(h.groups))
+
+
 def _run_one(settings: Settings, opts: LabOptions, h: HostSpec, bundle: bytes, out_tar: bytes,
-             connect_timeout: float, command_timeout: float) -> HostResult:
-    from fabric import Connection
+             connect_timeout: float, command_timeout: float,
+             accept_new: bool = False) -> HostResult:
+    Connection, paramiko = _fabric()
     t0 = time.monotonic()
-    import paramiko
+    kh = KnownHosts.of(settings)
     kw: dict[str, Any] = {"banner_timeout": connect_timeout, "auth_timeout": connect_timeout}
     if h.key:
         kw["key_filename"] = h.key
+
+    def failed(summary: str) -> HostResult:
+        return HostResult(h.label, False, time.monotonic() - t0, summary, groups=list(h.groups))
     try:
         with Connection(h.address, user=h.user, port=h.port, connect_kwargs=kw,
                         connect_timeout=connect_timeout) as c:
-            c.run(f"rm -rf {REMOTE_ROOT}/lib && mkdir -p {REMOTE_ROOT}", hide=True,
-                  timeout=command_timeout)
-            for name, data in (("bundle.tar.gz", bundle), ("out.tar.gz", out_tar)):
-                c.put(io.BytesIO(data), f"{REMOTE_ROOT}/{name}")
-                c.run(f"tar -xzf {REMOTE_ROOT}/{name} -C {REMOTE_ROOT}", hide=True,
-                      timeout=command_timeout)
-            r = c.run(remote_command(opts), hide=True, warn=True, timeout=command_timeout)
-            output = (r.stdout or "") + (r.stderr or "")
-            lock = None
-            if r.ok:
-                buf = io.BytesIO()
-                c.get(f"{REMOTE_ROOT}/state/lab.lock.json", buf)
-                lock = settings.state_dir / "lab" / "hosts" / f"{h.address}_{h.port}.lock.json"
-                lock.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(lock, buf.getvalue())
-            errs = [ln for ln in output.splitlines() if ln.startswith("error:")]
-            summary = "all host-side steps passed" if r.ok else (errs[-1] if errs else
-                                                                 f"exit {r.exited}")
-            return HostResult(h.label, r.ok, time.monotonic() - t0, summary, output, lock)
+            # Fabric's Connection comes with AutoAddPolicy: check keys as ssh does instead
+            hostkeys.prepare_client(c.client, kh, h.name, h.address, h.port, accept_new)
+            return _push_and_run(c, settings, opts, h, bundle, out_tar, command_timeout, t0)
+    except HostKeyError as e:
+        return failed(f"refused: {e.message}")
+    except paramiko.BadHostKeyException as e:
+        err = hostkeys.changed_error(kh, h.name, h.address, h.port, e)
+        return failed(f"refused: {err.message}")
     except (OSError, EOFError, paramiko.SSHException, CommandTimedOut, UnexpectedExit) as e:
         # unreachable, refused, auth failure, dropped connection, timeout, a setup command failed
         msg = f"{type(e).__name__}: {e}".strip()
-        return HostResult(h.label, False, time.monotonic() - t0, f"unreachable or failed: {msg}")
+        return failed(f"unreachable or failed: {msg}")
 
 
 def run_on_hosts(settings: Settings, opts: LabOptions, hosts: list[HostSpec], *,
-                 connect_timeout: float = 10, command_timeout: float = 900) -> list[HostResult]:
+                 connect_timeout: float = 10, command_timeout: float = 900,
+                 accept_new: bool = False) -> list[HostResult]:
     bundle = make_bundle(settings)
     out_tar = _out_tarball(settings, opts.recipe, opts.builder)
     with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
         futs = [pool.submit(_run_one, settings, opts, h, bundle, out_tar, connect_timeout,
-                            command_timeout) for h in hosts]
+                            command_timeout, accept_new) for h in hosts]
         return [f.result() for f in futs]
 
 
-def run_hosts(settings: Settings, opts: LabOptions, inventory: str) -> list[HostResult]:
-    """`invoke lab --hosts FILE`: local build once, then the host-side steps on every host."""
-    hosts = parse_inventory(Path(inventory))
+def check_host_keys(settings: Settings, hosts: list[HostSpec], accept_new: bool,
+                    timeout: float = 10) -> None:
+    """Every ssh host's key, checked before anything is built, pushed or run: one LabError
+    naming every refused key (a table of them first when there are several). A host that
+    does not answer is left to the run, which reports it."""
+    kh = KnownHosts.of(settings)
+    ssh_hosts = [h for h in hosts if h.connection == "ssh"]
+
+    def one(h: HostSpec) -> HostKeyError | None:
+        try:
+            hostkeys.check_host(kh, h.name, h.address, h.port, accept_new, timeout)
+        except HostKeyError as e:
+            return e
+        except HostUnreachable:
+            pass
+        return None
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(ssh_hosts)))) as pool:
+        found = list(pool.map(one, ssh_hosts))
+    refused = [(h, e) for h, e in zip(ssh_hosts, found, strict=True) if e]
+    if not refused:
+        return
+    if len(refused) > 1:
+        ui.table("host keys refused", ["host", "why"], [(h.label, e.message)
+                                                         for h, e in refused])
+    first = refused[0][1]
+    more = ""
+    if len(refused) > 1:
+        more = f" (and {len(refused) - 1} more: {', '.join(h.label for h, _ in refused[1:])})"
+    raise type(first)(first.message + more, hint=first.hint)
+
+
+def ssh_hosts_of(inventory: str) -> list[HostSpec]:
+    """The inventory's hosts, all of which lab must reach over ssh."""
+    hosts = load_hosts(inventory)
+    other = [h for h in hosts if h.connection != "ssh"]
+    if other:
+        raise LabError(f"lab --hosts runs its steps over ssh: {other[0].label} is a "
+                       f"{other[0].connection} host in {inventory}",
+                       hint="select the ssh hosts with FILE:GROUP (or verify --hosts checks "
+                            "local and docker hosts)")
+    return hosts
+
+
+def run_hosts(settings: Settings, opts: LabOptions, inventory: str,
+              accept_new: bool = False) -> list[HostResult]:
+    """`invoke lab --hosts FILE`: host keys checked, local build once, then the host-side steps
+    on every host."""
+    hosts = ssh_hosts_of(inventory)
+    check_host_keys(settings, hosts, accept_new)
     local_skip = tuple(n for n in steps.NAMES if n not in HOST_STEPS_SKIP)
     with ui.console.status("lab: building once on the controller") as status:
         res = lab.run_lab(settings, dataclasses.replace(opts, skip=local_skip),
@@ -205,10 +224,10 @@ def run_hosts(settings: Settings, opts: LabOptions, inventory: str) -> list[Host
         raise LabError(f"lab stopped at {res.failed.step}: {res.error.message}",
                        hint=res.error.hint)
     with ui.console.status(f"lab: host-side steps on {len(hosts)} host(s)"):
-        results = run_on_hosts(settings, opts, hosts)
-    ui.table("lab on hosts", ["host", "status", "time", "summary"],
-             [(r.host, "ok" if r.ok else "failed", f"{r.seconds:.1f}s", r.summary)
-              for r in results])
+        results = run_on_hosts(settings, opts, hosts, accept_new=accept_new)
+    ui.table("lab on hosts", ["host", "groups", "status", "time", "summary"],
+             [(r.host, ",".join(r.groups) or "-", "ok" if r.ok else "failed",
+               f"{r.seconds:.1f}s", r.summary) for r in results])
     bad = [r for r in results if not r.ok]
     if bad:
         raise LabError(f"{len(bad)} of {len(results)} host(s) failed: " +

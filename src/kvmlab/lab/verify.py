@@ -3,9 +3,17 @@
 Which check file verifies which step is kvmlab.lab.steps' registry (doctor -> host, ...).
 
 The checks are ordinary testinfra tests (``def test_x(host)``); they run in this process through
-pytest with ``--hosts`` (``local://``, ``docker://NAME``, ``ssh://user@host``). The controller's
-settings and the recipe/builder under test reach the checks through KVMLAB_* environment variables
-that kvmlab/checks/conftest.py reads.
+pytest with ``--hosts`` (``local://``, ``docker://NAME``, ``ssh://user@host``, or an inventory:
+``FILE`` / ``FILE:PATTERN``, kvmlab.lab.inventory, each host reported with its groups). The
+controller's settings and the recipe/builder under test reach the checks through KVMLAB_*
+environment variables that kvmlab/checks/conftest.py reads.
+
+Host keys (kvmlab.lab.hostkeys) of ``ssh://``, ``safe-ssh://`` and ``paramiko://`` hosts are
+checked before any check runs (refused unknown unless ``accept_new``, refused changed), and
+OpenSSH then runs with ``StrictHostKeyChecking yes`` over the same known_hosts files (an ssh_config
+kvmlab writes for the run; it includes ~/.ssh/config after kvmlab's lines). A host given with its
+own ``?ssh_config=FILE`` is left to that file (ssh checks keys as it says: the nested lab VM's
+pins the key the VM printed on its console).
 """
 from __future__ import annotations
 
@@ -13,16 +21,21 @@ import contextlib
 import os
 import sys
 import tempfile
+import urllib.parse
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvmlab.core import proc, ui
-from kvmlab.core.errors import VerifyError
+from kvmlab.core.errors import LabError, VerifyError
 from kvmlab.core.records import to_jsonable
 from kvmlab.core.settings import Settings
+from kvmlab.lab import hostkeys
 from kvmlab.lab import steps as lab_steps
+from kvmlab.lab.hostkeys import HostKeyError, KnownHosts
+from kvmlab.lab.inventory import HostSpec, load_hosts, split_value
 
 
 @dataclass
@@ -32,11 +45,13 @@ class CheckResult:
     name: str
     status: str  # passed / failed / skipped / error
     message: str = ""
+    groups: list[str] = field(default_factory=list)   # the host's inventory groups
 
 
 @dataclass
 class VerifyReport:
     results: list[CheckResult] = field(default_factory=list)
+    hosts: list[dict[str, Any]] = field(default_factory=list)   # every host, as resolved
 
     @property
     def ok(self) -> bool:
@@ -125,21 +140,133 @@ def check_host_spec(spec: str) -> None:
         raise VerifyError(f"host {spec!r} names no host", hint=f"e.g. {scheme}://NAME")
 
 
+SSH_SCHEMES = ("ssh", "safe-ssh", "paramiko")
+
+
+@dataclass
+class Targets:
+    """The testinfra hosts of a run, the ssh_config kvmlab writes for them, what to report."""
+    specs: list[str] = field(default_factory=list)
+    groups: dict[str, list[str]] = field(default_factory=dict)      # pytest id -> groups
+    hosts: list[dict[str, Any]] = field(default_factory=list)
+    keys: list[tuple[str, str, int]] = field(default_factory=list)  # (label, address, port)
+    config: list[str] = field(default_factory=list)                 # Host blocks
+
+
+def _quote(p: str | Path) -> str:
+    return '"' + str(p).replace('"', '') + '"'
+
+
+def _add_spec(t: Targets, spec: str, cfg: Path) -> None:
+    check_host_spec(spec)
+    url = urllib.parse.urlsplit(spec)
+    query = urllib.parse.parse_qs(url.query)
+    t.hosts.append({"host": spec, "groups": []})
+    if url.scheme in SSH_SCHEMES and "ssh_config" not in query:
+        try:
+            port = url.port or 22
+        except ValueError:
+            raise VerifyError(f"host {spec!r}: not a port number", hint="ssh://user@host:PORT")
+        t.keys.append(("", url.hostname or "", port))
+        if url.scheme != "paramiko":   # paramiko:// checks no keys itself: the pre-check does
+            q = urllib.parse.urlencode({"controlpersist": "0",
+                                        **{k: v[0] for k, v in query.items()},
+                                        "ssh_config": str(cfg)})
+            spec = urllib.parse.urlunsplit(url._replace(query=q))
+    t.specs.append(spec)
+
+
+def _add_inventory_host(t: Targets, h: HostSpec, cfg: Path) -> None:
+    if h.connection == "local":
+        spec = pid = "local://"
+    elif h.connection == "docker":
+        spec = pid = f"docker://{h.address}"
+    else:
+        alias = h.name or f"{h.address}-{h.port}"
+        t.config += [f"Host {alias}", f"  HostName {h.address}", f"  Port {h.port}",
+                     f"  User {h.user}"]
+        if h.key:
+            t.config += [f"  IdentityFile {_quote(h.key)}", "  IdentitiesOnly yes"]
+        t.keys.append((h.name, h.address, h.port))
+        spec, pid = f"ssh://{alias}?ssh_config={cfg}&controlpersist=0", f"ssh://{alias}"
+    t.specs.append(spec)
+    t.groups[pid] = list(h.groups)
+    t.hosts.append({"host": pid, "name": h.name, "address": h.address, "port": h.port,
+                    "user": h.user, "connection": h.connection, "groups": list(h.groups)})
+
+
+def _multiplexing(cfg: Path) -> list[str]:
+    """One ssh connection per host for the whole run (a check runs dozens of commands; a new
+    login each costs ~0.2 s), its master ended by ``end_masters`` (socket beside ``cfg``)."""
+    path = cfg.parent / "cm-%C"
+    if len(str(path)) + 40 > 100:      # %C is 40 characters; a unix socket path has ~108
+        return []
+    return ["  ControlMaster auto", f"  ControlPath {_quote(path)}", "  ControlPersist 120"]
+
+
+def end_masters(cfg: Path) -> None:
+    """Stop the ssh connection masters of this run (``ssh -O exit``)."""
+    for sock in cfg.parent.glob("cm-*"):
+        proc.run(["ssh", "-S", str(sock), "-O", "exit", "kvmlab-verify"], timeout=30)
+
+
+def resolve_hosts(settings: Settings, items: list[str], cfg: Path,
+                  accept_new: bool = False) -> Targets:
+    """testinfra specs for ``--hosts`` items (specs or inventories); every ssh host's key is
+    checked (HostKeyError before any check runs) and ``cfg`` written for OpenSSH."""
+    t = Targets()
+    for item in items:
+        if "://" in item:
+            _add_spec(t, item, cfg)
+            continue
+        if not split_value(item)[0].exists():
+            raise VerifyError(f"host {item!r} has no scheme and is no inventory file",
+                              hint="write local://, docker://NAME or ssh://user@host, or give "
+                                   "an inventory: FILE or FILE:GROUP")
+        try:
+            inv = load_hosts(item)
+        except LabError as e:
+            raise VerifyError(e.message, hint=e.hint) from None
+        for h in inv:
+            _add_inventory_host(t, h, cfg)
+    kh = KnownHosts.of(settings)
+    if t.keys:
+        def one(k: tuple[str, str, int]) -> HostKeyError | None:
+            try:
+                hostkeys.check_host(kh, *k, accept_new=accept_new)
+            except HostKeyError as e:
+                return e
+            except hostkeys.HostUnreachable:
+                pass   # the checks report it
+            return None
+        with ThreadPoolExecutor(max_workers=min(16, len(t.keys))) as pool:
+            refused = [e for e in pool.map(one, t.keys) if e]
+        if refused:
+            more = f" (and {len(refused) - 1} more host(s))" if len(refused) > 1 else ""
+            raise type(refused[0])(refused[0].message + more, hint=refused[0].hint)
+    user_cfg = Path.home() / ".ssh" / "config"
+    lines = [*t.config, "Host *", *(f"  {o}" for o in hostkeys.openssh_options(kh)),
+             "  BatchMode yes", "  LogLevel ERROR", *_multiplexing(cfg)]
+    if user_cfg.is_file():
+        lines.append(f"  Include {_quote(user_cfg)}")
+    cfg.write_text("\n".join(lines) + "\n")
+    return t
+
+
 def run_checks(settings: Settings, steps: list[str], hosts: list[str] | None = None,
-               extra_env: dict[str, str] | None = None) -> VerifyReport:
+               extra_env: dict[str, str] | None = None,
+               accept_new: bool = False) -> VerifyReport:
     """Run the checks of the named steps against hosts; never raises on failed checks.
 
     A step is named as a task (``doctor``, ``boot-test``: the registry says which checks verify
-    it) or by its check file (``host``, ``boot``, ``kmod``)."""
+    it) or by its check file (``host``, ``boot``, ``kmod``). A host is a testinfra spec or an
+    inventory (FILE, FILE:PATTERN); ssh hosts' keys are checked first (HostKeyError)."""
     known = available_steps(settings)
     steps = list(dict.fromkeys(lab_steps.check_of(s) for s in steps))
     for s in steps:
         if s not in known:
             raise VerifyError(f"no checks for step {s!r}",
                               hint="steps with checks: " + ", ".join(known))
-    hosts = hosts or ["local://"]
-    for h in hosts:
-        check_host_spec(h)
     env = {
         **settings.env(),
         # only testinfra's plugin: auto-loading every installed plugin costs ~0.7 s per run
@@ -149,19 +276,27 @@ def run_checks(settings: Settings, steps: list[str], hosts: list[str] | None = N
     infra = settings.checks_dir
     report = VerifyReport()
     with tempfile.TemporaryDirectory(prefix="kvmlab-verify-") as tmp:
+        targets = resolve_hosts(settings, hosts or ["local://"], Path(tmp) / "ssh_config",
+                                accept_new)
+        report.hosts = targets.hosts
         xml = Path(tmp) / "report.xml"
         args = [*(str(infra / f"test_{step}.py") for step in steps),
-                "--hosts=" + ",".join(hosts), "-q", "-p", "testinfra.plugin",
+                "--hosts=" + ",".join(targets.specs), "-q", "-p", "testinfra.plugin",
                 "-p", "no:cacheprovider", "-p", "no:unraisableexception",
                 "--import-mode=importlib", f"--junitxml={xml}",
                 "-o", "addopts=", "-o", "norecursedirs=", "--no-header",
                 "--rootdir", str(infra), "-c", str(infra / "pytest.ini")]
-        _run_pytest(args, env)
+        try:
+            _run_pytest(args, env)
+        finally:
+            end_masters(Path(tmp) / "ssh_config")
         if xml.exists():
             report.results.extend(_parse_junit(xml))
         else:
             report.results.append(CheckResult("?", ",".join(steps), "collection", "error",
                                               "pytest produced no report"))
+    for r in report.results:
+        r.groups = targets.groups.get(r.host, [])
     return report
 
 
@@ -169,4 +304,6 @@ def print_report(report: VerifyReport) -> None:
     hosts = sorted({r.host for r in report.results})
     for h in hosts:
         rows = [(r.step, r.name, r.status, r.message) for r in report.results if r.host == h]
-        ui.table(f"checks on {h}", ["step", "check", "status", "detail"], rows)
+        groups = next((r.groups for r in report.results if r.host == h and r.groups), [])
+        title = f"checks on {h}" + (f" (groups: {', '.join(groups)})" if groups else "")
+        ui.table(title, ["step", "check", "status", "detail"], rows)

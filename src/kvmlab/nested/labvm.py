@@ -8,14 +8,18 @@
 with ``-accel tcg -cpu <cpu>``, a fresh ed25519 key pair (its public half on the kernel command
 line, read by /init), ssh on a hostfwd bound to 127.0.0.1 only, the serial log, qemu's command
 line, a monitor socket and an ssh_config in ``STATE/nested/<run-id>/``. It waits (bounded) until
-sshd answers, then checks that the guest has SVM: without it (e.g. ``-cpu qemu64``) there is no
-nested KVM, one clear error. On leaving the block — normal end, error, timeout, Ctrl-C, SIGTERM
-— qemu's process group is killed, unless ``vm.keep()`` was called.
+sshd answers, its host key pinned first: /init prints the key it generated on the serial console
+(kvmlab's own channel to the VM), which becomes the run's known_hosts, and ssh runs with
+``StrictHostKeyChecking yes`` (any other key is refused). Then it checks that the guest has
+SVM: without it (e.g. ``-cpu qemu64``) there is no nested KVM, one clear error. On leaving the
+block — normal end, error, timeout, Ctrl-C, SIGTERM — qemu's process group is killed, unless
+``vm.keep()`` was called.
 """
 from __future__ import annotations
 
 import base64
 import os
+import re
 import secrets
 import shlex
 import socket
@@ -41,6 +45,7 @@ SSH_TRY_TIMEOUT = 15
 POLL = 1.0
 SERIAL_TAIL = 15
 READY = "kvmlab-labvm: ready uptime"
+HOSTKEY_RE = re.compile(r"^kvmlab-labvm: hostkey (ssh-ed25519) ([A-Za-z0-9+/=]+)\s*$", re.M)
 APPEND = "console=ttyS0 rdinit=/init panic=-1 quiet"
 
 
@@ -69,7 +74,8 @@ def _ssh_config(run: Path, port: int) -> str:
     return "\n".join([
         "Host *", "  HostName 127.0.0.1", f"  Port {port}", "  User root",
         f"  IdentityFile {run / 'id_ed25519'}", "  IdentitiesOnly yes",
-        f"  UserKnownHostsFile {run / 'known_hosts'}", "  StrictHostKeyChecking no",
+        f"  UserKnownHostsFile {run / 'known_hosts'}", "  StrictHostKeyChecking yes",
+        "  GlobalKnownHostsFile /dev/null", "  UpdateHostKeys no",
         "  BatchMode yes", "  LogLevel ERROR", "  ConnectTimeout 10",
         "  ServerAliveInterval 5", "  ServerAliveCountMax 6", ""])
 
@@ -191,9 +197,21 @@ class LabVM:
         except OSError:
             return False
 
+    def pin_host_key(self) -> None:
+        """The run's known_hosts: the host key /init printed on the serial console."""
+        m = HOSTKEY_RE.search(self.serial.read_text(errors="replace").replace("\r", ""))
+        if not m:
+            raise VMError("the lab VM printed no ssh host key on its console; not logging in "
+                          "to a VM whose key is unknown",
+                          hint=f"its /init prints 'kvmlab-labvm: hostkey ...'; serial log: "
+                               f"{self.serial}")
+        atomic_write_bytes(self.run_dir / "known_hosts",
+                           f"[127.0.0.1]:{self.port} {m[1]} {m[2]}\n".encode())
+
     def wait_ssh(self, timeout: float, t0: float) -> None:
         """Until sshd answers (then times are recorded); VMError at the timeout or qemu's end."""
         deadline = t0 + timeout
+        pinned = False
         while True:
             if not self.alive():
                 raise self._died()
@@ -201,6 +219,9 @@ class LabVM:
             if left <= 0:
                 raise self._hung(timeout)
             if self.ready_marker():
+                if not pinned:
+                    self.pin_host_key()
+                    pinned = True
                 try:
                     cp = self.run("cut -d' ' -f1 /proc/uptime", timeout=min(SSH_TRY_TIMEOUT, left))
                 except proc.CommandTimeout:

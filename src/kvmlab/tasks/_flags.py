@@ -32,7 +32,10 @@ from kvmlab.core import ui
 from kvmlab.core.elf import read_modinfo
 from kvmlab.core.errors import KvmlabError
 from kvmlab.host import exits
+from kvmlab.lab import inventory as inventory_mod
+from kvmlab.lab import remote
 from kvmlab.lab import steps as lab_steps
+from kvmlab.lab import verify as verify_mod
 from kvmlab.nested.record import MODULE_SOURCES
 from kvmlab.qemu.binary import probe_qemu
 
@@ -332,6 +335,36 @@ def cpu_model() -> FlagType:
     return FlagType("CPU", "a qemu -cpu model", parse, "max")
 
 
+def inventory() -> FlagType:
+    """lab --hosts: an inventory of ssh hosts (read now: a missing or malformed file, or a
+    group that selects nothing, is refused before the task starts)."""
+    def parse(raw: str) -> str:
+        remote.ssh_hosts_of(raw)
+        return raw
+    return FlagType("INVENTORY", "an inventory, FILE or FILE:GROUP (kvmlab's host list, TOML, "
+                    "or an Ansible INI/YAML inventory)", parse, "hosts.ini:labs")
+
+
+def host_list() -> FlagType:
+    """verify --hosts: testinfra hosts and inventories, comma-separated."""
+    def parse(raw: str) -> str:
+        items = [x for x in raw.split(",") if x.strip()]
+        if not items:
+            raise FlagValueError("no host given", "e.g. --hosts local:// or --hosts hosts.ini")
+        for x in items:
+            if "://" in x:
+                verify_mod.check_host_spec(x)
+            elif not inventory_mod.split_value(x)[0].exists():
+                raise FlagValueError(f"{x!r} is no testinfra host and no inventory file",
+                                     "write local://, docker://NAME or ssh://user@host, or "
+                                     "give an inventory: FILE or FILE:GROUP")
+            else:
+                inventory_mod.load_hosts(x)
+        return ",".join(items)
+    return FlagType("HOSTS", "comma-separated testinfra hosts (local://, docker://NAME, "
+                    "ssh://user@host) or inventories (FILE, FILE:GROUP)", parse, "local://")
+
+
 def size() -> FlagType:
     def parse(raw: str) -> str:
         if image_mod.parse_size(raw) <= 0:
@@ -385,7 +418,8 @@ TASK_FLAGS: dict[tuple[str, str], Callable[[], FlagType]] = {
     ("lab", "guest"): lambda: choice(*_guest_kinds()),
     ("explain-exit", "kind"): lambda: choice(*_exit_kinds()),
     ("uninstall", "step"): lambda: choice("install", "install-bios"),
-    ("lab", "hosts"): existing_file,
+    ("lab", "hosts"): inventory,
+    ("verify", "hosts"): host_list,
     ("lab", "skip"): lambda: choices(*lab_steps.NAMES),   # the step registry's names
     ("trace-kvm", "guest"): lambda: choice("tiny", "linux"),
     ("trace-kvm", "timeout"): lambda: seconds(zero_means_default=False),

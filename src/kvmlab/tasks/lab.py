@@ -21,7 +21,10 @@ from ._common import settings, task
     "recipe": "recipe to build (default: the configured recipe)",
     "builder": "debian12, centos6 or native",
     "accel": "boot-test accelerator: auto (KVM if it really works, else TCG), kvm, tcg",
-    "hosts": "inventory file: run the host-side steps on these ssh hosts (one per line or TOML)",
+    "hosts": "run the host-side steps on these ssh hosts",
+    "accept_new_host_keys": "--hosts: record the keys of hosts not yet in a known_hosts file "
+                            "(ssh's accept-new) instead of refusing them; a changed key is "
+                            "always refused",
     "prefix": "install prefix (default: the recipe's, /usr/local)",
     "destdir": "staging root for install (DESTDIR)",
     "source": "local tarball or directory instead of downloading",
@@ -45,7 +48,8 @@ def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", 
         jobs: int = 2, guest: str = "tiny", qemu: str = "", skip: str = "",
         resume: bool = False, check: bool = False, force: bool = False, timeout: float = 0,
         install_deps: bool = False, no_verify: bool = False, nested: bool = False,
-        nested_cpu: str = "max", report: bool = False, json_: bool = False) -> None:
+        nested_cpu: str = "max", report: bool = False, accept_new_host_keys: bool = False,
+        json_: bool = False) -> None:
     """The whole pipeline (fetch ... boot-test), recorded in lab.lock.json; --check compares."""
     s = settings(ctx, recipe=recipe, builder=builder)
     if report:
@@ -64,7 +68,7 @@ def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", 
         timeout=timeout or None, install_deps=install_deps, nested=nested,
         nested_cpu=nested_cpu)
     if hosts:
-        per_host = remote.run_hosts(s, opts, hosts)
+        per_host = remote.run_hosts(s, opts, hosts, accept_new=accept_new_host_keys)
         if json_:
             ui.emit_json({"hosts": [to_jsonable(h) for h in per_host]})
         return

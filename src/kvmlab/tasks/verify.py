@@ -15,15 +15,20 @@ from ._common import settings, task
 
 @task(help={"step": "comma-separated steps (fetch, patch, build, doctor, boot-test, ...; or a "
                     "check file's name: host, boot, kmod) or 'all'",
-            "hosts": "comma-separated testinfra hosts: local://, docker://NAME, ssh://user@host",
+            "hosts": "the hosts to check",
+            "accept_new_host_keys": "record the keys of ssh hosts not yet in a known_hosts "
+                                    "file (ssh's accept-new) instead of refusing them; a "
+                                    "changed key is always refused",
             "recipe": "recipe whose state is checked",
             "builder": "builder whose outputs are checked"})
 def verify(ctx: Context, step: str = "all", hosts: str = "local://", recipe: str = "",
-           builder: str = "", json_: bool = False) -> None:
+           builder: str = "", accept_new_host_keys: bool = False,
+           json_: bool = False) -> None:
     """Run the testinfra checks of one step (or all) against hosts; print a pass/fail table."""
     s = settings(ctx, recipe=recipe, builder=builder)
     steps = verify_mod.available_steps(s) if step == "all" else [x for x in step.split(",") if x]
-    report = verify_mod.run_checks(s, steps, [h for h in hosts.split(",") if h])
+    report = verify_mod.run_checks(s, steps, [h for h in hosts.split(",") if h],
+                                   accept_new=accept_new_host_keys)
     if json_:
         doc = {"ok": report.ok, **report.to_dict()}
     else:
