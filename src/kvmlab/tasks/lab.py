@@ -10,7 +10,7 @@ from kvmlab.lab import remote, steps
 from kvmlab.lab import runner as lab_mod
 from kvmlab.lab import verify as verify_mod
 
-from ._common import settings, task
+from ._common import check_counts, settings, task
 
 
 @task(help={
@@ -84,6 +84,8 @@ def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", 
         report = verify_mod.run_checks(s, checks, ["local://"], extra_env=lab_mod.verify_env(res))
         verify_mod.print_report(report)
         doc["checks"] = report.to_dict()["results"]
+        doc["verify"] = check_counts(report)
+        ui.info(f"checks: {doc['verify']['summary']}")
         if not report.ok:
             raise LabError("lab finished but its checks failed: " +
                            ", ".join(f"{r.step}/{r.name}" for r in report.failed()[:5])
@@ -95,14 +97,20 @@ def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", 
 @task(help={"recipe": "recipe to build", "builder": "builder", "source": "local source",
             "jobs": "parallel make jobs"})
 def repro_check(ctx: Context, recipe: str = "", builder: str = "", source: str = "",
-                jobs: int = 2) -> None:
+                jobs: int = 2, json_: bool = False) -> None:
     """Build twice from scratch in different directories and compare the artifacts bit for bit."""
     s = settings(ctx, recipe=recipe, builder=builder)
     res = lab_mod.repro_check(s, s.recipe, s.builder, source=source or None, jobs=jobs)
     ui.table("repro-check", ["artifact", "first", "second", "status"],
              [(p, a[:16], b[:16], "ok" if a == b else "fail") for p, a, b in res])
     bad = [p for p, a, b in res if a != b]
+    doc = {"recipe": s.recipe, "builder": s.builder, "matches": not bad, "differ": bad,
+           "artifacts": [{"path": p, "first": a, "second": b, "same": a == b}
+                         for p, a, b in res]}
     if bad:
         raise LabError(f"{len(bad)} artifact(s) differ between two builds: {', '.join(bad)}",
-                       hint="something variable is embedded (timestamps, paths); see the table")
+                       hint="something variable is embedded (timestamps, paths); see the table"
+                       ).with_report(doc)
     ui.info(f"[green]reproducible[/green]: {len(res)} artifact(s) bit-identical")
+    if json_:
+        ui.emit_json(doc)
