@@ -84,8 +84,9 @@ def lab(ctx: Context, recipe: str = "", builder: str = "", accel: str = "auto", 
         report = verify_mod.run_checks(s, checks, ["local://"], extra_env=lab_mod.verify_env(res))
         verify_mod.print_report(report)
         doc["checks"] = report.to_dict()["results"]
-        doc["verify"] = check_counts(report)
-        ui.info(f"checks: {doc['verify']['summary']}")
+        counts = check_counts(report)
+        doc["verify"] = counts
+        ui.info(f"checks: {counts['summary']}")
         if not report.ok:
             raise LabError("lab finished but its checks failed: " +
                            ", ".join(f"{r.step}/{r.name}" for r in report.failed()[:5])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shlex
+from typing import Any
 
 from invoke import Context
 
@@ -129,7 +130,7 @@ def boot_test(ctx: Context, qemu: str = "", accel: str = "auto", guest: str = ""
             break
     _show_boots(results, json_)
     last = vm.write_last(s, results)
-    doc = {"results": [r.to_dict() for r in results], "last_boot": str(last)}
+    doc: dict[str, Any] = {"results": [r.to_dict() for r in results], "last_boot": str(last)}
     bad = [r for r in results if not r.booted]
     if bad:
         r = bad[0]
