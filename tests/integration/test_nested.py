@@ -86,7 +86,8 @@ def test_nested_end_to_end_with_the_modules_built_here(builds):
     assert "VMX absent" in rec["refused"]["kvm_intel"]
     assert rec["accel"] == "kvm" and rec["kvm_exits"] > 0
     assert rec["qemu_version"].startswith("0.12")
-    assert rec["verified"] == {"host,boot,nested": "passed"}
+    verified = rec["verified"]["host,boot,nested"]        # "7 passed, 1 skipped (...)"
+    assert re.match(r"[1-9]\d* passed", verified) and "failed" not in verified, verified
     run = Path(rec["run_dir"])
     assert json.loads((run / "record.json").read_text())["kvm_exits"] == rec["kvm_exits"]
     dmesg = (run / "dmesg.txt").read_text()

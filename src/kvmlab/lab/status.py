@@ -2,8 +2,10 @@
 
 Like ``vagrant status`` / ``mkosi summary``: every setting with where its value came from, the
 recipes (valid or not), the lock entries, what is fetched (cache), built (out/*/*/manifest.json),
-installed (<state>/installs/*.json), the last boot-test (<state>/vm/last-boot.json), the last
-doctor verdict (the lab's doctor stamp) and, step by step, what `lab` would do next.
+installed (<state>/installs/*.json), the last boot-test (<state>/vm/last-boot.json, written by
+`boot-test` and the lab's step), the last doctor verdict (the newest of
+<state>/host/last-doctor.json and the lab's doctor stamp) and, step by step, what `lab` would do
+next.
 
 A step's ``next`` is ``fresh`` when its recorded inputs are exactly today's (the stamped steps:
 doctor, boot-test), ``recorded`` when it has a record and checks its inputs when it runs (no-op
@@ -22,6 +24,7 @@ from kvmlab.core.errors import KvmlabError
 from kvmlab.core.fsutil import read_json
 from kvmlab.core.records import to_jsonable
 from kvmlab.core.settings import SETTINGS, Settings, env_name
+from kvmlab.host import verdict
 from kvmlab.lab import runner, steps
 from kvmlab.model.recipe import Recipe, list_recipes, load_recipe
 from kvmlab.source import fetch, prepare
@@ -157,9 +160,13 @@ def _last_boot(s: Settings, problems: list[str]) -> dict[str, Any] | None:
         return None
     if not isinstance(runs, list) or not runs:
         return None
-    return {"path": str(p), "runs": [{k: r.get(k) for k in ("guest", "booted", "accel", "seconds",
-                                                           "qemu", "qemu_version", "failure")}
-                                     for r in runs if isinstance(r, dict)]}
+    try:
+        when: str | None = verdict.iso_time(p.stat().st_mtime)
+    except OSError:
+        when = None
+    keys = ("guest", "booted", "accel", "seconds", "qemu", "qemu_version", "failure")
+    return {"path": str(p), "time": when,
+            "runs": [{k: r.get(k) for k in keys} for r in runs if isinstance(r, dict)]}
 
 
 def doctor_record(s: Settings) -> tuple[Path, dict[str, Any]] | None:
@@ -174,12 +181,23 @@ def doctor_record(s: Settings) -> tuple[Path, dict[str, Any]] | None:
 
 
 def _doctor(s: Settings) -> dict[str, Any] | None:
-    found = doctor_record(s)
+    """The newest verdict: <state>/host/last-doctor.json (every doctor run, standalone or the
+    lab's) or the lab's doctor stamp (its file time), whichever is later."""
+    stamped = None
+    found_lab = doctor_record(s)
+    if found_lab is not None:
+        path, rec = found_lab
+        facts = rec["facts"]
+        try:
+            when = verdict.iso_time(path.stat().st_mtime)
+        except OSError:
+            when = None
+        stamped = {"path": str(path), "time": when, "source": "lab",
+                   "verdict": facts.get("verdict"), "usable": facts.get("usable"), "facts": facts}
+    found = verdict.newest(verdict.read_record(s.state_dir), stamped)
     if found is None:
         return None
-    path, rec = found
-    return {"path": str(path), "verdict": rec["facts"].get("verdict"),
-            "usable": rec["facts"].get("usable")}
+    return {k: found.get(k) for k in ("path", "time", "source", "verdict", "usable", "facts")}
 
 
 def _next_steps(s: Settings, recipe: Recipe) -> list[NextStep]:

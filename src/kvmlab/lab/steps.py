@@ -26,6 +26,7 @@ from kvmlab.core.errors import LabError
 from kvmlab.core.fsutil import read_json, sha256_file
 from kvmlab.core.settings import Settings
 from kvmlab.host import doctor as host
+from kvmlab.host import verdict
 from kvmlab.model.recipe import Recipe, load_recipe
 from kvmlab.nested import steps as nested_steps
 from kvmlab.nested.record import NestedOptions
@@ -154,6 +155,7 @@ def _load_modules(c: Ctx) -> StepOutcome:
 
 def _doctor(c: Ctx) -> StepOutcome:
     rep = host.doctor()
+    verdict.write_record(c.s.state_dir, rep, "lab")   # the last verdict, for `status`
     facts = rep.facts()
     # the doctor's table too (what `doctor --json` shows), for the report
     checks = [{"name": c.name, "status": c.shown_status, "value": c.value,

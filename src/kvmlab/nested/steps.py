@@ -307,15 +307,21 @@ def verify_inside(ins: _Inside, settings: Settings, o: NestedOptions) -> None:
                m.name for m in ins.rec.modules if m.source == "built")}
     env.pop("PYTEST_CURRENT_TEST", None)
     p = proc.run([sys.executable, "-m", "kvmlab", "verify", "--step", "host,boot,nested",
-                  "--hosts", ins.vm.host_spec()], timeout=ins.left("verify"), env=env,
+                  "--hosts", ins.vm.host_spec(), "--json"], timeout=ins.left("verify"), env=env,
                  what="kvmlab verify against the lab VM")
-    (ins.dir / "verify.log").write_text(p.stdout + p.stderr)
+    (ins.dir / "verify.log").write_text(p.stderr + p.stdout)
     ins.rec.steps["verify"] = str(ins.dir / "verify.log")
-    ins.rec.verified = {"host,boot,nested": "passed" if p.returncode == 0 else "failed"}
+    try:
+        doc = json.loads(p.stdout)
+    except ValueError:
+        doc = {}
+    doc = doc if isinstance(doc, dict) else {}
+    # passed / failed / skipped counted apart ("5 passed, 1 skipped (reason)")
+    ins.rec.verified = {"host,boot,nested": str(doc.get("summary") or
+                                                ("passed" if p.returncode == 0 else "failed"))}
     if p.returncode != 0:
-        err = next((ln for ln in reversed((p.stdout + p.stderr).splitlines())
-                    if ln.startswith("error:")), f"exit {p.returncode}")
-        raise NestedError(f"the checks against the lab VM failed: {err}",
+        err = doc.get("error") or f"exit {p.returncode}"
+        raise NestedError(f"the checks against the lab VM failed: error: {err}",
                           hint=f"see {ins.dir / 'verify.log'}")
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from invoke import Config, Context, Exit, Task
 from invoke import task as invoke_task
 from invoke.exceptions import ParseError
-from invoke.parser import Argument
+from invoke.parser import Argument, Parser
 
 from kvmlab.core import proc, ui
 from kvmlab.core.errors import ConfigError, KvmlabError, VerifyError
@@ -38,25 +38,52 @@ def _checked_runtime_config() -> None:
     def load_file(self: Config, prefix: str, absolute: bool = False, merge: bool = True) -> None:
         if prefix != "runtime":
             return original(self, prefix, absolute, merge)
-        path = getattr(self, "_runtime_path", None)
-        if path and not os.path.isfile(os.path.expanduser(path)):
-            raise ParseError(f"error: config file {path}: no such file\n"
-                             "hint: check the path given to -f/--config")
         try:
-            return original(self, prefix, absolute, merge)
-        except ParseError:
+            return _load_runtime(self, original, absolute, merge)
+        except ParseError as e:
+            _flags.json_refusal(e)   # under --json: the same error as one JSON document
             raise
-        except Exception as e:  # yaml/json/py errors and invoke's UnknownFileType
-            first = " ".join(str(e).split())[:200]
-            raise ParseError(f"error: config file {path} cannot be read: {first}\n"
-                             "hint: fix the file (YAML, JSON or Python with a kvmlab: "
-                             "section), or leave out -f") from None
 
     load_file._kvmlab_checked = True  # type: ignore[attr-defined]
     Config._load_file = load_file  # type: ignore[method-assign]
 
 
+def _load_runtime(config: Config, original: Callable, absolute: bool, merge: bool) -> None:
+    path = getattr(config, "_runtime_path", None)
+    if path and not os.path.isfile(os.path.expanduser(path)):
+        raise ParseError(f"error: config file {path}: no such file\n"
+                         "hint: check the path given to -f/--config")
+    try:
+        return original(config, "runtime", absolute, merge)
+    except ParseError:
+        raise
+    except Exception as e:  # yaml/json/py errors and invoke's UnknownFileType
+        first = " ".join(str(e).split())[:200]
+        raise ParseError(f"error: config file {path} cannot be read: {first}\n"
+                         "hint: fix the file (YAML, JSON or Python with a kvmlab: "
+                         "section), or leave out -f") from None
+
+
+def _json_parse_errors() -> None:
+    """invoke's own refusals of a command line (an unknown flag or task, a flag without its
+    value) are one JSON document under --json too (kvmlab.tasks._flags.json_refusal)."""
+    if getattr(Parser.parse_argv, "_kvmlab_checked", False):
+        return
+    original = Parser.parse_argv
+
+    def parse_argv(self: Parser, argv: list[str]) -> Any:
+        try:
+            return original(self, argv)
+        except ParseError as e:
+            _flags.json_refusal(e)
+            raise
+
+    parse_argv._kvmlab_checked = True  # type: ignore[attr-defined]
+    Parser.parse_argv = parse_argv  # type: ignore[method-assign]
+
+
 _checked_runtime_config()
+_json_parse_errors()
 
 
 class KvmlabTask(Task):
@@ -230,20 +257,47 @@ def describe_os_error(e: OSError, s: Settings | None = None) -> tuple[str, str]:
 
 
 def run_step_checks(s: Settings, step: str, no_verify: bool = False,
-                    extra_env: dict[str, str] | None = None) -> None:
+                    extra_env: dict[str, str] | None = None) -> dict[str, Any] | None:
     """Run the checks that verify ``step`` (a task name: the registry kvmlab.lab.steps says which
-    kvmlab/checks/test_<check>.py) against local:// after it; skipped with --no-verify."""
+    kvmlab/checks/test_<check>.py) against local:// after it; skipped with --no-verify.
+
+    Prints one line with passed / failed / skipped counted apart and returns them
+    (``check_counts``) for the task's --json document; None with --no-verify."""
     if no_verify:
-        return
+        return None
     check = lab_steps.check_of(step)
     report = verify_mod.run_checks(s, [check], ["local://"], extra_env=extra_env)
+    counts = {"check": check, **check_counts(report)}
     if not report.ok:
         verify_mod.print_report(report)
         bad = report.failed()
         raise VerifyError(f"{check}: {len(bad)} check(s) failed after the step: " +
-                          ", ".join(r.name for r in bad[:5]),
-                          hint="the step's output is not what it should be; see the table above")
-    ui.info(f"[green]verified[/green] {check}: {len(report.results)} check(s) passed")
+                          ", ".join(r.name for r in bad[:5]) + f" ({counts['summary']})",
+                          hint="the step's output is not what it should be; see the table above"
+                          ).with_report({"verify": counts})
+    if counts["passed"]:
+        ui.info(f"[green]verified[/green] {check}: {counts['summary']}")
+    else:
+        ui.warn(f"not verified: {check}: {counts['summary']}")
+    return counts
+
+
+def check_counts(report: verify_mod.VerifyReport) -> dict[str, Any]:
+    """Passed, failed (errors included) and skipped checks counted apart, the skip reasons, and
+    the one-line summary: ``5 passed, 2 skipped (no boot-test record to check; ...)``."""
+    by = {"passed": 0, "failed": 0, "skipped": 0}
+    reasons: list[str] = []
+    for r in report.results:
+        kind = r.status if r.status in ("passed", "skipped") else "failed"
+        by[kind] += 1
+        if kind == "skipped":
+            reasons.append(r.message.removeprefix("Skipped: ").strip() or r.name)
+    reasons = list(dict.fromkeys(reasons))
+    parts = [f"{by['passed']} passed"] + [f"{by[k]} {k}" for k in ("failed", "skipped") if by[k]]
+    summary = ", ".join(parts)
+    if reasons:
+        summary += " (" + "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "") + ")"
+    return {**by, "skipped_reasons": reasons, "summary": summary}
 
 
 def dry_run_end(what: str = "nothing was written") -> None:

@@ -60,10 +60,7 @@ class FlagType:
         try:
             return self._convert(flag, raw)
         except ParseError as e:
-            if "--json" in sys.argv[1:]:
-                # refused before any task ran: the --json caller still gets one document
-                error, _, hint = str(e).partition("\nhint: ")
-                ui.emit_json({"error": error.removeprefix("error: "), "hint": hint or None})
+            json_refusal(e)
             raise
 
     def _convert(self, flag: str, raw: str) -> Any:
@@ -88,6 +85,19 @@ class FlagType:
 
         Kind.__name__ = Kind.__qualname__ = self.metavar
         return Kind
+
+
+def json_refusal(e: ParseError) -> None:
+    """A ParseError refuses the command line before any task ran (a bad flag value, a bad
+    ``-f FILE``): under --json the caller still gets one document, ``{"error", "hint"}``, on
+    stdout; invoke prints the same two lines on stderr and exits 1."""
+    if "--json" not in sys.argv[1:] or getattr(e, "_kvmlab_emitted", False):
+        return
+    e._kvmlab_emitted = True  # type: ignore[attr-defined]  # one document, however re-raised
+    error, _, hint = str(e).partition("\nhint: ")
+    if not hint and not error.startswith("error: "):   # invoke's own: "No idea what '-x' is!"
+        hint = "`--help TASK` lists the flags of TASK; `--list` the tasks"
+    ui.emit_json({"error": error.removeprefix("error: "), "hint": hint or None})
 
 
 def _lines(message: str, hint: str) -> str:

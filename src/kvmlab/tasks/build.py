@@ -1,6 +1,8 @@
 """images, build and clean tasks."""
 from __future__ import annotations
 
+from typing import Any
+
 from invoke import Context
 
 from kvmlab.build import images as images_mod
@@ -14,7 +16,7 @@ from ._common import run_step_checks, settings, task
 @task(help={"builder": "an image under docker/ (debian12, centos6, ...), or all "
                        "(default: the configured builder)",
             "force": "rebuild the image(s) even if their inputs are unchanged"})
-def images(ctx: Context, builder: str = "", force: bool = False) -> None:
+def images(ctx: Context, builder: str = "", force: bool = False, json_: bool = False) -> None:
     """Build the builder images (tagged by input hash; no-op when unchanged).
 
     debian12: a local debootstrap base from the host's apt mirror, no registry needed.
@@ -30,6 +32,7 @@ def images(ctx: Context, builder: str = "", force: bool = False) -> None:
                               hint="choose from: " + ", ".join(known))
     client = images_mod.docker_client()
     rows = []
+    docs: list[dict[str, Any]] = []
     for name in names:
         external = images_mod.local_base_name(s.docker_dir / name / "Dockerfile") is None
         try:
@@ -40,9 +43,16 @@ def images(ctx: Context, builder: str = "", force: bool = False) -> None:
                 raise
             ui.warn(f"{name}: {e.message}; hint: {e.hint}")
             rows.append((name, "-", "skipped", e.message))
+            docs.append({"builder": name, "image": None, "status": "skipped", "id": None,
+                         "reason": e.message, "hint": e.hint})
             continue
-        rows.append((name, info.ref, "no-op" if info.noop else "built", info.id[:19]))
+        status = "no-op" if info.noop else "built"
+        rows.append((name, info.ref, status, info.id[:19]))
+        docs.append({"builder": name, "image": info.ref, "status": status, "id": info.id,
+                     "tag": info.tag})
     ui.table("builder images", ["builder", "image", "status", "id"], rows)
+    if json_:
+        ui.emit_json({"images": docs})
 
 
 @task(help={"recipe": "recipe name or path (default from settings)",
@@ -74,16 +84,18 @@ def build(ctx: Context, recipe: str = "", builder: str = "", jobs: int = 2, forc
         ui.info(f"compiler: {m['compiler']}" +
                 (f"; firmware dir compiled in: {datadir}" if datadir else ""))
     # the build checks look at the release layout (out/<recipe>/<builder>/)
-    run_step_checks(s, "kmod" if m.get("kind") == "kmod" else "build",
-                    no_verify or flavour == "debug")
+    checked = run_step_checks(s, "kmod" if m.get("kind") == "kmod" else "build",
+                              no_verify or flavour == "debug")
     if json_:
-        ui.emit_json({**res.to_dict(), "manifest_path": str(res.out_dir / "manifest.json")})
+        ui.emit_json({**res.to_dict(), "manifest_path": str(res.out_dir / "manifest.json"),
+                      "verify": checked})
 
 
 @task(help={"recipe": "recipe name (default from settings)",
             "builder": "builder whose build tree and outputs are removed",
             "all": "also remove work/<recipe> entirely (the unpacked source)"})
-def clean(ctx: Context, recipe: str = "", builder: str = "", all: bool = False) -> None:
+def clean(ctx: Context, recipe: str = "", builder: str = "", all: bool = False,
+          json_: bool = False) -> None:
     """Remove a recipe's build tree, build log and out/ for a builder.
 
     The download cache and the ccache volume are kept (--all also removes work/<recipe>).
@@ -94,3 +106,6 @@ def clean(ctx: Context, recipe: str = "", builder: str = "", all: bool = False) 
         ui.info(f"nothing to clean for {s.recipe} ({s.builder})")
     for p in removed:
         ui.info(f"removed {p}")
+    if json_:
+        ui.emit_json({"recipe": s.recipe, "builder": s.builder, "all": all,
+                      "removed": [str(p) for p in removed]})

@@ -7,8 +7,9 @@ from kvmlab.build.kmodules import modules_from
 from kvmlab.core import ui
 from kvmlab.core.errors import HostError
 from kvmlab.host import doctor as host
+from kvmlab.host import verdict
 
-from ._common import run_step_checks, settings, task
+from ._common import describe_os_error, run_step_checks, settings, task
 
 
 @task(help={"json": "print the report as JSON instead of a table",
@@ -18,8 +19,10 @@ from ._common import run_step_checks, settings, task
 def doctor(ctx: Context, json_: bool = False, timeout: float = 10, strict: bool = True) -> None:
     """Check CPU, firmware, kvm modules and /dev/kvm, then run a probe guest; give a verdict.
 
-    Exits 1 when KVM cannot run guests here (--no-strict: exit 0 and only report)."""
+    Exits 1 when KVM cannot run guests here (--no-strict: exit 0 and only report). The verdict
+    is recorded in <state>/host/last-doctor.json for `status`."""
     rep = host.doctor(timeout=timeout)
+    doc = {**rep.to_dict(), "record": _record(ctx, rep)}
     if not json_:
         rows = []
         for c in rep.checks:
@@ -30,16 +33,27 @@ def doctor(ctx: Context, json_: bool = False, timeout: float = 10, strict: bool 
         ui.info(f"verdict: [bold {colour}]{rep.verdict}[/bold {colour}]")
     if rep.usable or not strict:
         if json_:
-            ui.emit_json(rep.to_dict())
+            ui.emit_json(doc)
         return
     fix = next((c.hint for c in rep.checks if c.status in ("fail", "error") and c.hint), None)
     raise HostError(f"KVM cannot run guests here: {rep.verdict}",
                     hint=(fix + "; " if fix else "") + "--no-strict reports without failing"
-                    ).with_report(rep.to_dict() if json_ else {})
+                    ).with_report(doc if json_ else {})
 
 
 # invoke turns a parameter named json_ into --json
 doctor.help["json_"] = doctor.help.pop("json")
+
+
+def _record(ctx: Context, rep: host.DoctorReport) -> str | None:
+    """The verdict for `status`; a state dir that cannot be written only costs a warning."""
+    s = settings(ctx)
+    try:
+        return str(verdict.write_record(s.state_dir, rep, "doctor"))
+    except OSError as e:
+        message, hint = describe_os_error(e, s)
+        ui.warn(f"the verdict was not recorded for `status`: {message} ({hint})")
+        return None
 
 
 @task(help={"ko": "comma-separated .ko files to insmod (kvm.ko first) instead of modprobe",

@@ -67,10 +67,10 @@ def install(ctx: Context, recipe: str = "", builder: str = "", prefix: str = "",
     ui.info(f"next: `invoke install-bios --prefix {res.prefix}"
             + (f" --destdir {res.destdir}" if res.destdir else "") + "` puts the firmware "
             "where this binary looks")
-    run_step_checks(s, "install", no_verify,
-                    extra_env={"KVMLAB_VERIFY_INSTALL_MANIFEST": str(res.manifest_path)})
+    checked = run_step_checks(s, "install", no_verify, extra_env={
+        "KVMLAB_VERIFY_INSTALL_MANIFEST": str(res.manifest_path)})
     if json_:
-        ui.emit_json({**res.to_dict(), "dry_run": False})
+        ui.emit_json({**res.to_dict(), "dry_run": False, "verify": checked})
 
 
 @task(name="install-bios",
@@ -130,11 +130,11 @@ def install_bios(ctx: Context, recipe: str = "", builder: str = "", prefix: str 
             + (f", BIOS loaded from {bios}" if bios else "") + "; quit it")
     for n in p.missing_warn:
         ui.warn(f"it still warns about {n} (no source for it)")
-    run_step_checks(s, "install-bios", no_verify,
-                    extra_env={"KVMLAB_VERIFY_INSTALL_MANIFEST": str(res.manifest_path)}
-                    if res.manifest_path and res.manifest_path.exists() else None)
+    checked = run_step_checks(s, "install-bios", no_verify,
+                              extra_env={"KVMLAB_VERIFY_INSTALL_MANIFEST": str(res.manifest_path)}
+                              if res.manifest_path and res.manifest_path.exists() else None)
     if json_:
-        ui.emit_json({**res.to_dict(), "dry_run": False})
+        ui.emit_json({**res.to_dict(), "dry_run": False, "verify": checked})
 
 
 def _show_debug_lines(s, proof) -> None:  # noqa: ANN001
@@ -159,7 +159,7 @@ def _show_debug_lines(s, proof) -> None:  # noqa: ANN001
             "step": "only undo install or install-bios (default: both)",
             "force": "also remove files that changed since kvmlab installed them"})
 def uninstall(ctx: Context, recipe: str = "", prefix: str = "", destdir: str = "",
-              step: str = "", force: bool = False) -> None:
+              step: str = "", force: bool = False, json_: bool = False) -> None:
     """Remove exactly what install/install-bios wrote and restore the files they replaced."""
     if step not in ("", "install", "install-bios"):
         raise InstallError(f"unknown --step {step!r}", hint="install or install-bios")
@@ -178,3 +178,8 @@ def uninstall(ctx: Context, recipe: str = "", prefix: str = "", destdir: str = "
     if res.skipped:
         ui.warn(f"{len(res.skipped)} file(s) left in place; the manifest still lists them: "
                 f"{res.manifest_path}")
+    if json_:
+        ui.emit_json({"manifest": str(res.manifest_path), "removed": res.removed,
+                      "restored": res.restored, "dirs_removed": res.dirs_removed,
+                      "kept": res.kept, "kept_backups": res.kept_backups,
+                      "skipped": [{"path": p, "reason": why} for p, why in res.skipped]})

@@ -14,7 +14,7 @@ from kvmlab.lab import runner as lab_mod
 from kvmlab.lab import verify as verify_mod
 from kvmlab.report import page, plots
 
-from ._common import settings, task
+from ._common import check_counts, settings, task
 
 
 @task(help={
@@ -114,6 +114,9 @@ def _verify(s: Settings, res: lab_mod.LabResult, doc: dict[str, Any], report: bo
     verify_mod.print_report(checked)
     results = checked.to_dict()["results"]
     doc["checks"] = results
+    counts = check_counts(checked)
+    doc["verify"] = counts
+    ui.info(f"checks: {counts['summary']}")
     runlog.add_checks(s, results)     # for `invoke report`
     if not checked.ok:
         _report(s, report, doc)
@@ -134,14 +137,20 @@ def _report(s: Settings, enabled: bool, doc: dict[str, Any]) -> None:
 @task(help={"recipe": "recipe to build", "builder": "builder", "source": "local source",
             "jobs": "parallel make jobs"})
 def repro_check(ctx: Context, recipe: str = "", builder: str = "", source: str = "",
-                jobs: int = 2) -> None:
+                jobs: int = 2, json_: bool = False) -> None:
     """Build twice from scratch in different directories and compare the artifacts bit for bit."""
     s = settings(ctx, recipe=recipe, builder=builder)
     res = lab_mod.repro_check(s, s.recipe, s.builder, source=source or None, jobs=jobs)
     ui.table("repro-check", ["artifact", "first", "second", "status"],
              [(p, a[:16], b[:16], "ok" if a == b else "fail") for p, a, b in res])
     bad = [p for p, a, b in res if a != b]
+    doc = {"recipe": s.recipe, "builder": s.builder, "matches": not bad, "differ": bad,
+           "artifacts": [{"path": p, "first": a, "second": b, "same": a == b}
+                         for p, a, b in res]}
     if bad:
         raise LabError(f"{len(bad)} artifact(s) differ between two builds: {', '.join(bad)}",
-                       hint="something variable is embedded (timestamps, paths); see the table")
+                       hint="something variable is embedded (timestamps, paths); see the table"
+                       ).with_report(doc)
     ui.info(f"[green]reproducible[/green]: {len(res)} artifact(s) bit-identical")
+    if json_:
+        ui.emit_json(doc)

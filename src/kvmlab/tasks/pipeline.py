@@ -51,9 +51,9 @@ def fetch(ctx: Context, recipe: str = "", source: str = "", offline: bool = Fals
                        options=FetchOptions.from_env(timeout or None))
     if not json_:
         _show_fetch(res)
-    run_step_checks(s, "fetch", no_verify)
+    checked = run_step_checks(s, "fetch", no_verify)
     if json_:
-        ui.emit_json(res.to_dict())
+        ui.emit_json({**res.to_dict(), "verify": checked})
 
 
 @task(help={**_HELP, "builder": "builder whose patch series is applied (debian12, centos6, "
@@ -86,9 +86,9 @@ def patch(ctx: Context, recipe: str = "", builder: str = "", source: str = "",
     state = "no-op: the series is already applied" if p.noop else \
         f"{'unpacked, ' if p.unpacked else ''}applied {len(p.patches)} patch(es)"
     ui.info(f"tree    {p.src_dir} ({state})")
-    run_step_checks(s, "patch", no_verify)
+    checked = run_step_checks(s, "patch", no_verify)
     if json_:
-        ui.emit_json(_patch_doc(p, series, dry_run))
+        ui.emit_json({**_patch_doc(p, series, dry_run), "verify": checked})
 
 
 def _patch_doc(p: PreparedSource, series: object, dry_run: bool) -> dict:

@@ -23,21 +23,39 @@ def _show(st: status_mod.Status) -> None:
                      [(e.name, e.path, e.detail) for e in rows], status_col=None)
         else:
             ui.info(f"{title}: none")
-    if st.last_boot:
-        for r in st.last_boot["runs"]:
-            ui.info(f"last boot-test: {r['guest']} {'booted' if r['booted'] else 'FAILED'} "
-                    f"under {r['accel'] or '?'} ({r.get('qemu_version') or r.get('qemu')}); "
-                    f"{st.last_boot['path']}")
-    else:
-        ui.info("last boot-test: none")
-    d = st.doctor
-    ui.info(f"last doctor verdict: {d['verdict']} ({d['path']})" if d else
-            "last doctor verdict: none recorded (`invoke lab` records it)")
+    for line in _last_lines(st):
+        ui.info(line)
     if st.next:
         ui.table("what `lab` would do next", ["step", "next", "detail"],
                  [(n.step, n.next, n.detail) for n in st.next], status_col=None)
     for p in st.problems:
         ui.warn(p)
+
+
+def _last_lines(st: status_mod.Status) -> list[str]:
+    """The last boot-test (qemu, accel, guest, time to marker) and the last doctor verdict."""
+    lines = []
+    b = st.last_boot or {}
+    for r in b.get("runs", []):
+        secs = r.get("seconds")
+        took = f" in {secs:.2f} s" if isinstance(secs, (int, float)) else ""
+        what = "booted" + took if r.get("booted") else f"FAILED ({r.get('failure') or '?'})"
+        lines.append(f"last boot-test: {r.get('guest')} {what} under {r.get('accel') or '?'} "
+                     f"({r.get('qemu_version') or r.get('qemu')}); {b.get('time') or '?'}, "
+                     f"{b['path']}")
+    if not lines:
+        lines.append("last boot-test: none")
+    d = st.doctor
+    if d:
+        by = {"doctor": "invoke doctor", "lab": "invoke lab"}.get(str(d.get("source")),
+                                                                 str(d.get("source")))
+        usable = "KVM usable" if d.get("usable") else "KVM not usable"
+        lines.append(f"last doctor verdict: {d['verdict']} ({usable}; {by}, "
+                     f"{d.get('time') or '?'}, {d['path']})")
+    else:
+        lines.append("last doctor verdict: none recorded (`invoke doctor` or `invoke lab` "
+                     "records it)")
+    return lines
 
 
 @task(help={"recipe": "recipe whose next lab steps are shown (default from settings)",

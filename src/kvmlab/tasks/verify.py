@@ -10,7 +10,7 @@ from kvmlab.core.errors import KvmlabError, RecipeError, VerifyError
 from kvmlab.lab import verify as verify_mod
 from kvmlab.model.recipe import list_recipes
 
-from ._common import settings, task
+from ._common import check_counts, settings, task
 
 
 @task(help={"step": "comma-separated steps (fetch, patch, build, doctor, boot-test, ...; or a "
@@ -29,16 +29,17 @@ def verify(ctx: Context, step: str = "all", hosts: str = "local://", recipe: str
     steps = verify_mod.available_steps(s) if step == "all" else [x for x in step.split(",") if x]
     report = verify_mod.run_checks(s, steps, [h for h in hosts.split(",") if h],
                                    accept_new=accept_new_host_keys)
-    if json_:
-        doc = {"ok": report.ok, **report.to_dict()}
-    else:
+    counts = check_counts(report)
+    doc = {"ok": report.ok, **report.to_dict(), **counts}
+    if not json_:
         verify_mod.print_report(report)
+        ui.info(f"checks: {counts['summary']}")
     if not report.ok:
         bad = report.failed()
         raise VerifyError(f"{len(bad)} check(s) failed: " +
                           ", ".join(f"{r.step}/{r.name}@{r.host}" for r in bad[:5]),
                           hint="see the table above; re-run the failing step"
-                          ).with_report(doc if json_ else {})
+                          ).with_report(doc)
     if json_:
         ui.emit_json(doc)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shlex
+from typing import Any
 
 from invoke import Context
 
@@ -12,6 +13,7 @@ from kvmlab.boot.image import create_image as create
 from kvmlab.boot.image import human_size
 from kvmlab.core import ui
 from kvmlab.core.errors import VMError
+from kvmlab.core.fsutil import sha256_file
 from kvmlab.core.settings import Settings
 
 from ._common import run_step_checks, settings, task
@@ -32,13 +34,13 @@ def create_image(ctx: Context, path: str, size: str = "10G", format: str = "qcow
     ui.table("disk image", ["path", "format", "virtual size", "qemu-img", "status"],
              [(r.path, r.format, f"{human_size(r.virtual_size)} ({r.virtual_size} bytes)",
                r.qemu_img, "ok")])
-    run_step_checks(s, "boot", no_verify, extra_env={
+    checked = run_step_checks(s, "boot", no_verify, extra_env={
         "KVMLAB_VERIFY_IMAGE": str(r.path), "KVMLAB_VERIFY_IMAGE_SIZE": str(r.virtual_size),
         "KVMLAB_VERIFY_IMAGE_FORMAT": r.format, "KVMLAB_VERIFY_IMAGE_QEMU_IMG": str(r.qemu_img),
         "KVMLAB_VERIFY_RESULTS": ""})
     if json_:
         ui.emit_json({"path": str(r.path), "format": r.format, "virtual_size": r.virtual_size,
-                      "qemu_img": str(r.qemu_img)})
+                      "qemu_img": str(r.qemu_img), "verify": checked})
 
 
 @task(help={"kind": "tiny, linux or iso (default: all three)",
@@ -47,20 +49,29 @@ def create_image(ctx: Context, path: str, size: str = "10G", format: str = "qcow
             "force": "rebuild even when cached",
             "listing": "print the tiny boot sector's instructions"})
 def guest(ctx: Context, kind: str = "", kernel: str = "", init: str = "", force: bool = False,
-          listing: bool = False) -> None:
+          listing: bool = False, json_: bool = False) -> None:
     """Make (or show the cached) test guests."""
     s = settings(ctx)
     init_script = _read_init(init)
     rows = []
+    docs = []
     for k in ([kind] if kind else list(guest_mod.KINDS)):
         gu = guest_mod.make_guest(s, k, kernel=kernel or None, init_script=init_script, force=force)
         files = [p for p in (gu.disk, gu.kernel, gu.vmlinux, gu.initrd, gu.iso) if p]
         size = sum(p.stat().st_size for p in files)
-        rows.append((k, gu.dir, ", ".join(p.name for p in files), f"{size / 1e6:.1f} MB",
-                     "cached" if gu.cached else "built"))
+        status = "cached" if gu.cached else "built"
+        rows.append((k, gu.dir, ", ".join(p.name for p in files), f"{size / 1e6:.1f} MB", status))
+        if json_:
+            docs.append({"kind": k, "dir": str(gu.dir), "status": status, "size": size,
+                         "cmdline": gu.cmdline or None,
+                         "files": [{"path": str(p), "size": p.stat().st_size,
+                                    "sha256": sha256_file(p)} for p in files]})
     ui.table("test guests", ["kind", "directory", "files", "size", "status"], rows)
-    if listing:
-        ui.info(boot_sector_listing())
+    text = boot_sector_listing() if listing else None
+    if text:
+        ui.info(text)
+    if json_:
+        ui.emit_json({"guests": docs, "listing": text})
 
 
 def _read_init(path: str) -> str | None:
@@ -119,7 +130,7 @@ def boot_test(ctx: Context, qemu: str = "", accel: str = "auto", guest: str = ""
             break
     _show_boots(results, json_)
     last = vm.write_last(s, results)
-    doc = {"results": [r.to_dict() for r in results], "last_boot": str(last)}
+    doc: dict[str, Any] = {"results": [r.to_dict() for r in results], "last_boot": str(last)}
     bad = [r for r in results if not r.booted]
     if bad:
         r = bad[0]
@@ -129,9 +140,9 @@ def boot_test(ctx: Context, qemu: str = "", accel: str = "auto", guest: str = ""
                       hint=f"serial log kept in {r.serial_log}; command in {r.run_dir}/command.txt"
                       ).with_report(doc)
     # the record names the qemu-img of each run's disk (disk_qemu_img): the checks use that one
-    run_step_checks(s, "boot", no_verify, extra_env={"KVMLAB_VERIFY_RESULTS": str(last),
-                                                      "KVMLAB_VERIFY_IMAGE": "",
-                                                      "KVMLAB_VERIFY_IMAGE_QEMU_IMG": ""})
+    doc["verify"] = run_step_checks(s, "boot", no_verify, extra_env={
+        "KVMLAB_VERIFY_RESULTS": str(last), "KVMLAB_VERIFY_IMAGE": "",
+        "KVMLAB_VERIFY_IMAGE_QEMU_IMG": ""})
     if json_:
         ui.emit_json(doc)
 
