@@ -10,7 +10,6 @@ from invoke.exceptions import ParseError
 from kvmlab.host import verdict
 from kvmlab.lab.verify import CheckResult, VerifyReport
 from kvmlab.tasks import _flags, ns
-from kvmlab.tasks._common import check_counts
 
 
 def test_every_task_takes_json():
@@ -26,16 +25,16 @@ def _report(*statuses: tuple[str, str]) -> VerifyReport:
 
 
 def test_check_counts_keep_skipped_apart():
-    c = check_counts(_report(("passed", ""), ("passed", ""), ("skipped", "no disk image"),
-                             ("skipped", "Skipped: no disk image"), ("skipped", "no kvm")))
+    c = _report(("passed", ""), ("passed", ""), ("skipped", "no disk image"),
+                             ("skipped", "Skipped: no disk image"), ("skipped", "no kvm")).counts()
     assert (c["passed"], c["failed"], c["skipped"]) == (2, 0, 3)
     assert c["skipped_reasons"] == ["no disk image", "no kvm"]
     assert c["summary"] == "2 passed, 3 skipped (no disk image; no kvm)"
-    c = check_counts(_report(("passed", ""), ("failed", "x"), ("error", "y")))
+    c = _report(("passed", ""), ("failed", "x"), ("error", "y")).counts()
     assert (c["passed"], c["failed"], c["skipped"], c["summary"]) == (1, 2, 0,
                                                                       "1 passed, 2 failed")
-    assert check_counts(_report(("passed", "")))["summary"] == "1 passed"
-    many = check_counts(_report(*[("skipped", f"r{i}") for i in range(5)]))
+    assert _report(("passed", "")).counts()["summary"] == "1 passed"
+    many = _report(*[("skipped", f"r{i}") for i in range(5)]).counts()
     assert many["summary"] == "0 passed, 5 skipped (r0; r1; r2; ...)"
 
 

@@ -60,6 +60,24 @@ class VerifyReport:
     def failed(self) -> list[CheckResult]:
         return [r for r in self.results if r.status not in ("passed", "skipped")]
 
+    def counts(self) -> dict[str, Any]:
+        """Passed, failed (errors included) and skipped checks counted apart, the skip reasons,
+        and the one-line summary: ``5 passed, 2 skipped (no boot-test record to check; ...)``."""
+        by = {"passed": 0, "failed": 0, "skipped": 0}
+        reasons: list[str] = []
+        for r in self.results:
+            kind = r.status if r.status in ("passed", "skipped") else "failed"
+            by[kind] += 1
+            if kind == "skipped":
+                reasons.append(r.message.removeprefix("Skipped: ").strip() or r.name)
+        reasons = list(dict.fromkeys(reasons))
+        parts = [f"{by['passed']} passed"] + [f"{by[k]} {k}" for k in ("failed", "skipped")
+                                              if by[k]]
+        summary = ", ".join(parts)
+        if reasons:
+            summary += " (" + "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "") + ")"
+        return {**by, "skipped_reasons": reasons, "summary": summary}
+
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(self)
 

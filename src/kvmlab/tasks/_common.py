@@ -262,12 +262,12 @@ def run_step_checks(s: Settings, step: str, no_verify: bool = False,
     kvmlab/checks/test_<check>.py) against local:// after it; skipped with --no-verify.
 
     Prints one line with passed / failed / skipped counted apart and returns them
-    (``check_counts``) for the task's --json document; None with --no-verify."""
+    (``VerifyReport.counts``) for the task's --json document; None with --no-verify."""
     if no_verify:
         return None
     check = lab_steps.check_of(step)
     report = verify_mod.run_checks(s, [check], ["local://"], extra_env=extra_env)
-    counts = {"check": check, **check_counts(report)}
+    counts = {"check": check, **report.counts()}
     if not report.ok:
         verify_mod.print_report(report)
         bad = report.failed()
@@ -280,24 +280,6 @@ def run_step_checks(s: Settings, step: str, no_verify: bool = False,
     else:
         ui.warn(f"not verified: {check}: {counts['summary']}")
     return counts
-
-
-def check_counts(report: verify_mod.VerifyReport) -> dict[str, Any]:
-    """Passed, failed (errors included) and skipped checks counted apart, the skip reasons, and
-    the one-line summary: ``5 passed, 2 skipped (no boot-test record to check; ...)``."""
-    by = {"passed": 0, "failed": 0, "skipped": 0}
-    reasons: list[str] = []
-    for r in report.results:
-        kind = r.status if r.status in ("passed", "skipped") else "failed"
-        by[kind] += 1
-        if kind == "skipped":
-            reasons.append(r.message.removeprefix("Skipped: ").strip() or r.name)
-    reasons = list(dict.fromkeys(reasons))
-    parts = [f"{by['passed']} passed"] + [f"{by[k]} {k}" for k in ("failed", "skipped") if by[k]]
-    summary = ", ".join(parts)
-    if reasons:
-        summary += " (" + "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "") + ")"
-    return {**by, "skipped_reasons": reasons, "summary": summary}
 
 
 def dry_run_end(what: str = "nothing was written") -> None:

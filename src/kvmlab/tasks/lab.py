@@ -14,7 +14,7 @@ from kvmlab.lab import runner as lab_mod
 from kvmlab.lab import verify as verify_mod
 from kvmlab.report import page, plots
 
-from ._common import check_counts, settings, task
+from ._common import settings, task
 
 
 @task(help={
@@ -114,7 +114,7 @@ def _verify(s: Settings, res: lab_mod.LabResult, doc: dict[str, Any], report: bo
     verify_mod.print_report(checked)
     results = checked.to_dict()["results"]
     doc["checks"] = results
-    counts = check_counts(checked)
+    counts = checked.counts()
     doc["verify"] = counts
     ui.info(f"checks: {counts['summary']}")
     runlog.add_checks(s, results)     # for `invoke report`

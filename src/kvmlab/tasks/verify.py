@@ -10,7 +10,7 @@ from kvmlab.core.errors import KvmlabError, RecipeError, VerifyError
 from kvmlab.lab import verify as verify_mod
 from kvmlab.model.recipe import list_recipes
 
-from ._common import check_counts, settings, task
+from ._common import settings, task
 
 
 @task(help={"step": "comma-separated steps (fetch, patch, build, doctor, boot-test, ...; or a "
@@ -29,7 +29,7 @@ def verify(ctx: Context, step: str = "all", hosts: str = "local://", recipe: str
     steps = verify_mod.available_steps(s) if step == "all" else [x for x in step.split(",") if x]
     report = verify_mod.run_checks(s, steps, [h for h in hosts.split(",") if h],
                                    accept_new=accept_new_host_keys)
-    counts = check_counts(report)
+    counts = report.counts()
     doc = {"ok": report.ok, **report.to_dict(), **counts}
     if not json_:
         verify_mod.print_report(report)
