@@ -211,3 +211,22 @@ def test_fabric_connection_checks_keys_itself(hosts2, kvmlab_env, tmp_path):
     kvmlab_env.known_hosts.write_text("")
     run(True)   # accepted and recorded (the empty bundle then fails to unpack: not the point)
     assert kvmlab_env.known_hosts.read_text() == f"[127.0.0.1]:{hosts2.ports[1]} {pub}\n"
+
+
+def test_unreachable_host_is_one_row_and_the_others_are_checked(hosts2, kvmlab_env, tmp_path):
+    import socket
+    with socket.socket() as s:      # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    inv = hosts2.ansible_inventory(tmp_path / "inv.ini", {"web": [("web1", 1)]})
+    inv.write_text(inv.read_text() + f"[gone]\ngone1 ansible_host=127.0.0.1 ansible_port={closed}"
+                   " ansible_user=root\n")
+    r = _invoke("verify", "--step", "fetch", "--hosts", str(inv), "--accept-new-host-keys",
+                "--json")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    doc = json.loads(r.stdout)
+    gone = [x for x in doc["results"] if x["host"] == "ssh://gone1"]
+    assert [(x["step"], x["name"], x["status"]) for x in gone] == [("ssh", "reachable", "error")]
+    assert f"127.0.0.1:{closed}" in gone[0]["message"] and gone[0]["groups"] == ["gone"]
+    web = [x for x in doc["results"] if x["host"] == "ssh://web1"]
+    assert web and all(x["step"] == "fetch" for x in web), doc["results"]   # checked over ssh

@@ -168,7 +168,9 @@ class Targets:
     groups: dict[str, list[str]] = field(default_factory=dict)      # pytest id -> groups
     hosts: list[dict[str, Any]] = field(default_factory=list)
     keys: list[tuple[str, str, int]] = field(default_factory=list)  # (label, address, port)
+    key_spec: list[int] = field(default_factory=list)   # keys[i] belongs to specs[key_spec[i]]
     config: list[str] = field(default_factory=list)                 # Host blocks
+    unreachable: list[CheckResult] = field(default_factory=list)    # no ssh handshake: no checks
 
 
 def _quote(p: str | Path) -> str:
@@ -186,6 +188,7 @@ def _add_spec(t: Targets, spec: str, cfg: Path) -> None:
         except ValueError:
             raise VerifyError(f"host {spec!r}: not a port number", hint="ssh://user@host:PORT")
         t.keys.append(("", url.hostname or "", port))
+        t.key_spec.append(len(t.specs))
         if url.scheme != "paramiko":   # paramiko:// checks no keys itself: the pre-check does
             q = urllib.parse.urlencode({"controlpersist": "0",
                                         **{k: v[0] for k, v in query.items()},
@@ -206,6 +209,7 @@ def _add_inventory_host(t: Targets, h: HostSpec, cfg: Path) -> None:
         if h.key:
             t.config += [f"  IdentityFile {_quote(h.key)}", "  IdentitiesOnly yes"]
         t.keys.append((h.name, h.address, h.port))
+        t.key_spec.append(len(t.specs))
         spec, pid = f"ssh://{alias}?ssh_config={cfg}&controlpersist=0", f"ssh://{alias}"
     t.specs.append(spec)
     t.groups[pid] = list(h.groups)
@@ -226,6 +230,30 @@ def end_masters(cfg: Path) -> None:
     """Stop the ssh connection masters of this run (``ssh -O exit``)."""
     for sock in cfg.parent.glob("cm-*"):
         proc.run(["ssh", "-S", str(sock), "-O", "exit", "kvmlab-verify"], timeout=30)
+
+
+def _check_keys(t: Targets, kh: KnownHosts, accept_new: bool) -> None:
+    """Every ssh host's key (HostKeyError: refused); a host without an ssh handshake is left
+    out of the checks and reported as one ``reachable`` result instead of an error per check."""
+    def one(k: tuple[str, str, int]) -> LabError | None:
+        try:
+            hostkeys.check_host(kh, *k, accept_new=accept_new)
+        except (HostKeyError, hostkeys.HostUnreachable) as e:
+            return e
+        return None
+    with ThreadPoolExecutor(max_workers=min(16, len(t.keys))) as pool:
+        found = list(pool.map(one, t.keys))
+    refused = [e for e in found if isinstance(e, HostKeyError)]
+    if refused:
+        more = f" (and {len(refused) - 1} more host(s))" if len(refused) > 1 else ""
+        raise type(refused[0])(refused[0].message + more, hint=refused[0].hint)
+    gone = {t.key_spec[i] for i, e in enumerate(found) if e is not None}
+    for i, e in enumerate(found):
+        if e is not None:
+            host = t.hosts[t.key_spec[i]]["host"]
+            t.unreachable.append(CheckResult(host=host, step="ssh", name="reachable",
+                                             status="error", message=e.message))
+    t.specs = [spec for i, spec in enumerate(t.specs) if i not in gone]
 
 
 def resolve_hosts(settings: Settings, items: list[str], cfg: Path,
@@ -249,19 +277,7 @@ def resolve_hosts(settings: Settings, items: list[str], cfg: Path,
             _add_inventory_host(t, h, cfg)
     kh = KnownHosts.of(settings)
     if t.keys:
-        def one(k: tuple[str, str, int]) -> HostKeyError | None:
-            try:
-                hostkeys.check_host(kh, *k, accept_new=accept_new)
-            except HostKeyError as e:
-                return e
-            except hostkeys.HostUnreachable:
-                pass   # the checks report it
-            return None
-        with ThreadPoolExecutor(max_workers=min(16, len(t.keys))) as pool:
-            refused = [e for e in pool.map(one, t.keys) if e]
-        if refused:
-            more = f" (and {len(refused) - 1} more host(s))" if len(refused) > 1 else ""
-            raise type(refused[0])(refused[0].message + more, hint=refused[0].hint)
+        _check_keys(t, kh, accept_new)
     user_cfg = Path.home() / ".ssh" / "config"
     lines = [*t.config, "Host *", *(f"  {o}" for o in hostkeys.openssh_options(kh)),
              "  BatchMode yes", "  LogLevel ERROR", *_multiplexing(cfg)]
@@ -297,22 +313,24 @@ def run_checks(settings: Settings, steps: list[str], hosts: list[str] | None = N
         targets = resolve_hosts(settings, hosts or ["local://"], Path(tmp) / "ssh_config",
                                 accept_new)
         report.hosts = targets.hosts
-        xml = Path(tmp) / "report.xml"
-        args = [*(str(infra / f"test_{step}.py") for step in steps),
-                "--hosts=" + ",".join(targets.specs), "-q", "-p", "testinfra.plugin",
-                "-p", "no:cacheprovider", "-p", "no:unraisableexception",
-                "--import-mode=importlib", f"--junitxml={xml}",
-                "-o", "addopts=", "-o", "norecursedirs=", "--no-header",
-                "--rootdir", str(infra), "-c", str(infra / "pytest.ini")]
-        try:
-            _run_pytest(args, env)
-        finally:
-            end_masters(Path(tmp) / "ssh_config")
-        if xml.exists():
-            report.results.extend(_parse_junit(xml))
-        else:
-            report.results.append(CheckResult("?", ",".join(steps), "collection", "error",
-                                              "pytest produced no report"))
+        report.results.extend(targets.unreachable)
+        if targets.specs:        # hosts without an ssh handshake are left out
+            xml = Path(tmp) / "report.xml"
+            args = [*(str(infra / f"test_{step}.py") for step in steps),
+                    "--hosts=" + ",".join(targets.specs), "-q", "-p", "testinfra.plugin",
+                    "-p", "no:cacheprovider", "-p", "no:unraisableexception",
+                    "--import-mode=importlib", f"--junitxml={xml}",
+                    "-o", "addopts=", "-o", "norecursedirs=", "--no-header",
+                    "--rootdir", str(infra), "-c", str(infra / "pytest.ini")]
+            try:
+                _run_pytest(args, env)
+            finally:
+                end_masters(Path(tmp) / "ssh_config")
+            if xml.exists():
+                report.results.extend(_parse_junit(xml))
+            else:
+                report.results.append(CheckResult("?", ",".join(steps), "collection", "error",
+                                                  "pytest produced no report"))
     for r in report.results:
         r.groups = targets.groups.get(r.host, [])
     return report
