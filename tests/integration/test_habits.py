@@ -15,21 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from support.clienv import isolated_env
 from support.fakeqemu import make_fake_qemu_tarball
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = "qemu-kvm-0.12.1.2"
 
 
-def _env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("KVMLAB_") and k not in ("NO_COLOR", "FORCE_COLOR")}
-    env.update(KVMLAB_HOME=str(REPO), KVMLAB_STATE_DIR=str(tmp / "state"),
-               KVMLAB_CACHE=str(tmp / "cache"), KVMLAB_LOCK=str(tmp / "state" / "kvmlab.lock"),
-               PYTHONPATH=str(REPO / "src"))
-    env.update(extra)
-    (tmp / "state").mkdir(exist_ok=True)
-    return env
+_env = isolated_env
 
 
 def _invoke(env: dict[str, str], *args: str, cwd: Path = REPO,
@@ -225,7 +218,7 @@ def test_boot_test_dry_run_writes_nothing_and_its_command_boots(tmp_path, distro
         assert r.returncode == 0, r.stderr
         argv = shlex.split(r.stdout.strip().splitlines()[-1])
         assert argv[0] == str(distro_qemu) and "-S" not in argv and "-no-reboot" in argv
-        assert not any(a.startswith(("unix:", "file:")) or "-pidfile" == a for a in argv)
+        assert not any(a.startswith(("unix:", "file:")) or a == "-pidfile" for a in argv)
         files = [opt.split("file=", 1)[1].split(",")[0] for opt in argv if "file=" in opt]
         assert files and all(Path(x).is_file() for x in files)
         after = _tree(tmp_path / "state") | {"cache/" + x for x in _tree(tmp_path / "cache")}

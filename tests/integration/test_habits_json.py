@@ -19,21 +19,14 @@ from pathlib import Path
 import pytest
 
 from support.build import docker_available, fake_home
+from support.clienv import isolated_env
 from support.fakeqemu import write_fake_qemu_tree
 from support.install import make_fake_build, make_home
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("KVMLAB_") and k not in ("NO_COLOR", "FORCE_COLOR")}
-    env.update(KVMLAB_HOME=str(REPO), KVMLAB_STATE_DIR=str(tmp / "state"),
-               KVMLAB_CACHE=str(tmp / "cache"), KVMLAB_LOCK=str(tmp / "state" / "kvmlab.lock"),
-               PYTHONPATH=str(REPO / "src"))
-    env.update(extra)
-    (tmp / "state").mkdir(exist_ok=True)
-    return env
+_env = isolated_env
 
 
 def _run(env: dict[str, str], *args: str, program: str = "invoke", cwd: Path = REPO,
