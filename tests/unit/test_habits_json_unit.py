@@ -83,3 +83,9 @@ def test_json_refusal_is_one_document(monkeypatch, capsys, argv, emitted):
     _flags.json_refusal(ParseError("No idea what '--nope' is!"))
     doc = json.loads(capsys.readouterr().out)
     assert doc["error"] == "No idea what '--nope' is!" and "--help" in doc["hint"]
+
+
+def test_records_carry_one_utc_stamp_format():
+    from kvmlab.core.records import utc_stamp
+    assert utc_stamp(0) == "1970-01-01T00:00:00Z"
+    assert utc_stamp(1714564800.9) == "2024-05-01T12:00:00Z"

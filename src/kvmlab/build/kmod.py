@@ -58,6 +58,7 @@ from kvmlab.core.elf import read_build_id, read_modinfo
 from kvmlab.core.errors import BuildError, RecipeError
 from kvmlab.core.fsutil import json_sha256, replace_dir, tree_sha256
 from kvmlab.core.proc import sigterm_as_interrupt
+from kvmlab.core.records import utc_stamp
 from kvmlab.core.settings import Settings
 from kvmlab.core.stamps import Stamp
 from kvmlab.model.recipe import Recipe, load_recipe
@@ -417,7 +418,7 @@ def _manifest(job: _KJob, facts: dict[str, str], compat: dict[str, Any], make: l
         "compat": compat, "facts": facts, "kcflags": list(spec.kcflags), "make": make,
         "compiler": cfile.read_text(errors="replace").strip() if cfile.is_file() else "",
         "build_dir": str(job.bdir), "log": str(log), "inputs_sha256": json_sha256(job.inputs),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "built_at": utc_stamp(),
         "seconds": seconds,
     }
 

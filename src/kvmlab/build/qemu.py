@@ -42,6 +42,7 @@ from kvmlab.core import proc, ui
 from kvmlab.core.errors import BuildError, KvmlabError
 from kvmlab.core.fsutil import json_sha256
 from kvmlab.core.proc import sigterm_as_interrupt
+from kvmlab.core.records import utc_stamp
 from kvmlab.core.settings import Settings
 from kvmlab.model.recipe import Recipe, load_recipe
 from kvmlab.source import prepare as pipeline
@@ -400,7 +401,7 @@ def _manifest(job: _Job, t0: float, timings: dict[str, float]) -> dict[str, Any]
         "compiler": cfile.read_text(errors="replace").strip() if cfile.is_file() else "",
         "config": read_build_config(job.bdir), "build_dir": str(job.bdir), "log": str(job.log),
         "inputs_sha256": json_sha256(job.inputs),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "built_at": utc_stamp(),
         "seconds": round(time.monotonic() - t0, 1),
         # where the time went (seconds): copy (the tree), run (configure + make in the builder)
         # split into configure and make, then deps and collect (kvmlab.build.collect)

@@ -1,4 +1,5 @@
-"""Typed records as JSON: the one conversion every ``to_dict`` of a result record uses.
+"""Typed records as JSON: the one conversion every ``to_dict`` of a result record uses, and the
+one timestamp format records carry (``utc_stamp``).
 
 A dataclass becomes a dict of its fields (recursively), a record with its own ``to_dict`` is
 asked for it, paths become strings, tuples and sets lists; the rest is left to json.
@@ -6,9 +7,16 @@ asked for it, paths become strings, tuples and sets lists; the rest is left to j
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
+
+
+def utc_stamp(seconds: float | None = None) -> str:
+    """A time (default: now) as ISO 8601 UTC to the second, as records carry it:
+    2024-05-01T12:00:00Z (such strings sort by time)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def to_jsonable(obj: Any, *, _top: bool = True) -> Any:

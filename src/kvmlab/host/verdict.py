@@ -7,12 +7,11 @@ newest of this record and the lab's doctor stamp. A record that cannot be read i
 """
 from __future__ import annotations
 
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from kvmlab.core.fsutil import atomic_write_json, read_json
+from kvmlab.core.records import utc_stamp
 from kvmlab.host.doctor import DoctorReport
 
 SCHEMA = 1
@@ -22,14 +21,9 @@ def record_path(state_dir: Path) -> Path:
     return state_dir / "host" / "last-doctor.json"
 
 
-def iso_time(seconds: float) -> str:
-    """A UTC timestamp as ISO 8601 to the second: 2024-05-01T12:00:00Z."""
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def make_record(rep: DoctorReport, source: str, now: float | None = None) -> dict[str, Any]:
     """The record of one doctor run; ``source`` says who ran it (doctor, lab)."""
-    return {"schema": SCHEMA, "time": iso_time(time.time() if now is None else now),
+    return {"schema": SCHEMA, "time": utc_stamp(now),
             "source": source, "verdict": rep.verdict, "usable": rep.usable,
             "facts": rep.facts()}
 

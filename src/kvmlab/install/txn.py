@@ -24,13 +24,13 @@ import re
 import shutil
 import stat
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from kvmlab.core.errors import InstallError, KvmlabError
 from kvmlab.core.fsutil import atomic_write_json, sha256_file
+from kvmlab.core.records import utc_stamp
 from kvmlab.core.settings import Settings
 from kvmlab.install.preflight import os_error, preflight
 from kvmlab.model.manifests import InstallManifest, InstallTarget, ManifestError
@@ -122,7 +122,7 @@ def open_manifest(settings: Settings, t: InstallTarget) -> tuple[Path, InstallMa
 
 
 def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return utc_stamp()
 
 
 def save_manifest(path: Path, m: InstallManifest, txn: Txn | None = None) -> None:

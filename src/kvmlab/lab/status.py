@@ -22,7 +22,7 @@ from kvmlab import install
 from kvmlab.boot import vm
 from kvmlab.core.errors import KvmlabError
 from kvmlab.core.fsutil import read_json
-from kvmlab.core.records import to_jsonable
+from kvmlab.core.records import to_jsonable, utc_stamp
 from kvmlab.core.settings import SETTINGS, Settings, env_name
 from kvmlab.host import verdict
 from kvmlab.lab import runner, steps
@@ -161,7 +161,7 @@ def _last_boot(s: Settings, problems: list[str]) -> dict[str, Any] | None:
     if not isinstance(runs, list) or not runs:
         return None
     try:
-        when: str | None = verdict.iso_time(p.stat().st_mtime)
+        when: str | None = utc_stamp(p.stat().st_mtime)
     except OSError:
         when = None
     keys = ("guest", "booted", "accel", "seconds", "qemu", "qemu_version", "failure")
@@ -189,7 +189,7 @@ def _doctor(s: Settings) -> dict[str, Any] | None:
         path, rec = found_lab
         facts = rec["facts"]
         try:
-            when = verdict.iso_time(path.stat().st_mtime)
+            when = utc_stamp(path.stat().st_mtime)
         except OSError:
             when = None
         stamped = {"path": str(path), "time": when, "source": "lab",

@@ -6,13 +6,13 @@ replaces an entry (never a recipe's pin).
 """
 from __future__ import annotations
 
-import datetime as _dt
 from pathlib import Path
 from typing import Any
 
 from kvmlab.core import ui
 from kvmlab.core.errors import FetchError
 from kvmlab.core.fsutil import atomic_write_json, read_json
+from kvmlab.core.records import utc_stamp
 from kvmlab.core.settings import Settings
 from kvmlab.model.recipe import Recipe
 
@@ -54,7 +54,7 @@ def record_lock(settings: Settings, recipe: Recipe, sha: str, origin: str,
                                "commit this file, every later fetch must match")
     entries[lock_key(recipe)] = {
         "sha256": sha, "url": origin,
-        "recorded": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        "recorded": utc_stamp()}
     atomic_write_json(settings.lock, data)
     if not relock:
         ui.warn(f"[bold]{recipe.source.file} has no pinned sha256: recorded {sha} (from {origin}) "
